@@ -1,0 +1,377 @@
+"""The engine: the seam the server drives (``Engine.load``, ``prepare``, ``batch_key``, ``run``)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import images as imgs
+from .embeddings import ParsedEmbedding, check_tokens_free, parse_embedding, textual_inversion
+from .errors import EngineError, InputError, NonFiniteOutputError, RequestCancelled
+from .expansion import PromptExpander
+from .hub import EXPANSION_FILES, SAFETY_CHECKER_FILES, Resolver, resolve_repo
+from .inpaint import DenoiseBatch, FewStepInpaintPipeline
+from .loading import ModelStore
+from .safety import SafetyChecker
+from .schedules import make_scheduler, timesteps_for
+from .specs import AppSpec, ServingSpec, VariantSpec
+from .types import InpaintRequest, InpaintResult
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGES = 8
+MAX_SIDE = 14142  # fal's ImageSize bound
+SEED_RANGE = 2**64
+ShouldStop = Callable[[str], bool]
+OnProgress = Callable[[str, int, int], None]
+
+
+@dataclass
+class PreparedRequest:
+    """A request checked and decoded, ready for the GPU. Built by :meth:`Engine.prepare`."""
+
+    request: InpaintRequest
+    variant: VariantSpec
+    strength: float
+    seed: int
+    timesteps: list[int]
+    inputs: imgs.FittedInputs
+    embedding: ParsedEmbedding | None
+    nothing_to_paint: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (no fp16 VAE overflow, full tensor-core rate); fp32 on CPU (fp16 is very slow there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    """Few-step SDXL inpainting for every loaded (app, steps) variant."""
+
+    def __init__(
+        self,
+        spec: ServingSpec,
+        store: ModelStore,
+        variants: dict[tuple[str, int], VariantSpec],
+        safety_checker: SafetyChecker | None,
+        expander: PromptExpander | None,
+    ) -> None:
+        self.spec = spec
+        self.store = store
+        self.variants = variants
+        self.safety_checker = safety_checker
+        self.expander = expander
+        self.work_pixels = spec.engine.work_pixels
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        spec: ServingSpec,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        resolver: Resolver | None = None,
+        variants: Iterable[tuple[str, int]] | None = None,
+        safety_checker: bool = True,
+        prompt_expansion: bool = True,
+    ) -> Engine:
+        """Load weights for ``variants`` (``(app id or name, steps)``; default: every step count of every app).
+
+        Raises :class:`~pipelines.errors.ModelFileError` naming the file and the command that fetches it
+        when something is missing; nothing is kept from a failed load.
+        """
+        device = torch.device(device)
+        dtype = dtype or default_dtype(device)
+        resolver = resolver or Resolver()
+        store = ModelStore(device, dtype, resolver)
+        chosen: dict[tuple[str, int], VariantSpec] = {}
+        wanted = list(variants) if variants is not None else [
+            (app.app_id, n) for app in spec.apps.values() for n in app.steps
+        ]
+        for app_ref, steps in wanted:
+            app = spec.app(app_ref)
+            if steps not in app.variants:
+                raise InputError("num_inference_steps", f"{app.app_id} offers {list(app.steps)}, not {steps}")
+            chosen[(app.app_id, steps)] = app.variants[steps]
+        for variant in chosen.values():
+            store.pipeline(variant, FewStepInpaintPipeline)
+        checker = None
+        if safety_checker:
+            folder = resolve_repo(spec.engine.safety_checker, SAFETY_CHECKER_FILES, resolver, "safety_checker")
+            checker = SafetyChecker(folder, device, dtype)
+        expander = None
+        if prompt_expansion:
+            model = spec.engine.prompt_expansion.model
+            folder = resolve_repo(model, EXPANSION_FILES, resolver, "prompt_expansion")
+            expander = PromptExpander(folder, spec.engine.prompt_expansion, device)
+        log.info("engine ready on %s (%s): %s", device, dtype, ", ".join(f"{a}:{n}" for a, n in chosen))
+        return cls(spec, store, chosen, checker, expander)
+
+    @property
+    def device(self) -> torch.device:
+        return self.store.device
+
+    def pipeline(self, variant: VariantSpec) -> FewStepInpaintPipeline:
+        return self.store.pipeline(variant, FewStepInpaintPipeline)
+
+    # ------------------------------------------------------------------ requests
+
+    def app(self, app_id: str) -> AppSpec:
+        try:
+            return self.spec.app(app_id)
+        except EngineError as exc:
+            raise InputError("app_id", str(exc)) from exc
+
+    def prepare(self, request: InpaintRequest) -> PreparedRequest:
+        """Validate and decode one request (CPU work, safe to run off the GPU thread).
+
+        Raises :class:`InputError` naming the offending field.
+        """
+        started = time.perf_counter()
+        app = self.app(request.app_id)
+        steps = app.default_steps if request.steps is None else request.steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps not in app.variants:
+            raise InputError("num_inference_steps", f"must be one of {list(app.steps)} for {app.app_id}, got {steps!r}")
+        variant = self.variants.get((app.app_id, steps))
+        if variant is None:
+            loaded = sorted(n for a, n in self.variants if a == app.app_id)
+            raise InputError("num_inference_steps", f"{steps} steps are not loaded on this server (loaded: {loaded})")
+        strength = app.default_strength if request.strength is None else float(request.strength)
+        timesteps = timesteps_for(variant, strength, self.store.scheduler_config(variant.base))
+        n = request.num_images
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+            raise InputError("num_images", f"must be an integer from 1 to {MAX_IMAGES}, got {n!r}")
+        seed = request.seed
+        if seed is None:
+            seed = secrets.randbelow(2**32)
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+            raise InputError("seed", f"must be a 64-bit integer, got {seed!r}")
+        if request.image_size is not None:
+            w, h = request.image_size
+            if not all(isinstance(v, int) and 0 < v <= MAX_SIDE for v in (w, h)):
+                raise InputError("image_size", f"width and height must be integers in 1..{MAX_SIDE}, got {w}x{h}")
+        if not isinstance(request.prompt, str):
+            raise InputError("prompt", "must be a string")
+        embedding = None
+        if len(request.embeddings) > 1:
+            raise InputError("embeddings", "at most one embedding per request is supported")
+        if request.embeddings:
+            text = self.store.text_stack(variant.base)
+            embedding = parse_embedding(
+                request.embeddings[0], text.text_encoder.config.hidden_size, text.text_encoder_2.config.hidden_size
+            )
+            check_tokens_free(embedding, (text.tokenizer, text.tokenizer_2))
+        image = imgs.to_rgb(imgs.open_image(request.image, "image_url"))
+        mask = imgs.to_mask(imgs.open_image(request.mask, "mask_url"))
+        fitted = imgs.fit(image, mask, request.image_size, self.work_pixels)
+        return PreparedRequest(
+            request=request,
+            variant=variant,
+            strength=strength,
+            seed=seed,
+            timesteps=timesteps,
+            inputs=fitted,
+            embedding=embedding,
+            nothing_to_paint=not imgs.binarize(fitted.mask).any(),
+            timings={"prepare": time.perf_counter() - started},
+        )
+
+    def batch_key(self, request: InpaintRequest | PreparedRequest) -> Hashable:
+        """Requests with equal keys can share one UNet batch (same weights, timesteps and working size)."""
+        p = request if isinstance(request, PreparedRequest) else self.prepare(request)
+        solo = id(p) if p.embedding is not None or p.nothing_to_paint else None
+        return (p.variant.app_id, p.variant.steps, tuple(p.timesteps), p.inputs.work_size, solo)
+
+    def run(
+        self,
+        requests: Sequence[InpaintRequest | PreparedRequest],
+        should_stop: ShouldStop | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> list[InpaintResult]:
+        """Run requests (grouped by batch key), one result per request in order.
+
+        A bad or cancelled request gets a result with ``error`` set; the others are unaffected.
+        Exceptions escape only for faults of the whole batch (such as running out of GPU memory).
+        """
+        results: list[InpaintResult | None] = [None] * len(requests)
+        groups: dict[Hashable, list[tuple[int, PreparedRequest]]] = {}
+        for i, req in enumerate(requests):
+            try:
+                prepared = req if isinstance(req, PreparedRequest) else self.prepare(req)
+            except InputError as exc:
+                results[i] = InpaintResult(request_id=req.request_id if hasattr(req, "request_id") else "", error=exc)
+                continue
+            groups.setdefault(self.batch_key(prepared), []).append((i, prepared))
+        for members in groups.values():
+            batch = [p for _, p in members]
+            for (i, _), result in zip(members, self._run_group(batch, should_stop, on_progress), strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    # ------------------------------------------------------------------ internals
+
+    def _passthrough(self, p: PreparedRequest) -> InpaintResult:
+        """An all-black mask: nothing to repaint, so the (resized) input is the answer; no UNet runs."""
+        n = p.request.num_images
+        return InpaintResult(
+            request_id=p.request_id,
+            images=[p.inputs.image.copy() for _ in range(n)],
+            has_nsfw_concepts=[False] * n,
+            seed=p.seed,
+            prompt=p.request.prompt,
+            timings={**p.timings, "inference": 0.0},
+        )
+
+    def _run_group(
+        self, group: list[PreparedRequest], should_stop: ShouldStop | None, on_progress: OnProgress | None
+    ) -> list[InpaintResult]:
+        if all(p.nothing_to_paint for p in group):
+            return [self._passthrough(p) for p in group]
+        variant = group[0].variant
+        pipe = self.pipeline(variant)
+        device = self.device
+        timings: dict[str, float] = {}
+
+        # 1. Prompts (expanded with the request's seed when asked).
+        clock = time.perf_counter()
+        prompts = []
+        for p in group:
+            prompt = p.request.prompt
+            if p.request.expand_prompt and self.expander is not None:
+                prompt = self.expander.expand(prompt, p.seed)
+            prompts.append(prompt)
+        if any(p.request.expand_prompt for p in group):
+            timings["prompt_expansion"] = time.perf_counter() - clock
+
+        # 2. Text encoding, one row per output image (embeddings loaded just for this).
+        clock = time.perf_counter()
+        per_image_prompts = [prompt for p, prompt in zip(group, prompts, strict=True) for _ in range(p.request.num_images)]
+        with textual_inversion(pipe, group[0].embedding if len(group) == 1 else None):
+            embeds, pooled = pipe.encode_prompts(per_image_prompts)
+        _sync(device)
+        timings["text_encoding"] = time.perf_counter() - clock
+
+        # 3. Denoise.
+        clock = time.perf_counter()
+        image_of = [j for j, p in enumerate(group) for _ in range(p.request.num_images)]
+        owners = [p for p in group for _ in range(p.request.num_images)]
+        generators = [
+            torch.Generator(device=device).manual_seed((p.seed + k) % SEED_RANGE)
+            for p in group
+            for k in range(p.request.num_images)
+        ]
+        images = torch.cat([pipe.image_processor.preprocess(p.inputs.work_image) for p in group])
+        masks = torch.cat([pipe.mask_processor.preprocess(p.inputs.work_mask) for p in group])
+        batch = DenoiseBatch(
+            prompt_embeds=embeds,
+            pooled_embeds=pooled,
+            images=images,
+            masks=masks,
+            image_of=image_of,
+            generators=generators,
+            strength=group[0].strength,
+        )
+        cancelled: set[str] = set()
+        live = list(range(len(owners)))
+
+        def on_step(i: int, total: int) -> list[int] | None:
+            nonlocal live
+            reported = set()
+            for row in live:
+                rid = owners[row].request_id
+                if rid not in reported and on_progress is not None:
+                    on_progress(rid, i + 1, total)
+                reported.add(rid)
+            if should_stop is None or i == total - 1:
+                return None
+            for rid in reported:
+                if rid not in cancelled and should_stop(rid):
+                    cancelled.add(rid)
+            keep = [k for k, row in enumerate(live) if owners[row].request_id not in cancelled]
+            live = [live[k] for k in keep]
+            return keep
+
+        scheduler = make_scheduler(variant, self.store.scheduler_config(variant.base))
+        latents, rows = pipe.denoise(batch, scheduler, group[0].timesteps, variant.eta, on_step)
+        _sync(device)
+        timings["inference"] = time.perf_counter() - clock
+
+        # 4. Decode, check for NaN/inf, composite onto the exact input pixels.
+        clock = time.perf_counter()
+        decoded, finite = pipe.decode(latents) if rows else (None, [])
+        pixels = (
+            (decoded.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+            if decoded is not None
+            else None
+        )
+        timings["decode"] = time.perf_counter() - clock
+        outputs: dict[str, list[Image.Image]] = {p.request_id: [] for p in group}
+        bad: set[str] = set()
+        clock = time.perf_counter()
+        for k, row in enumerate(rows):
+            p = owners[row]
+            if not finite[k]:
+                bad.add(p.request_id)
+                continue
+            generated = Image.fromarray(pixels[k], mode="RGB")
+            outputs[p.request_id].append(imgs.composite(generated, p.inputs.image, p.inputs.mask))
+        timings["postprocess"] = time.perf_counter() - clock
+
+        # 5. Safety checker on what the user would receive.
+        clock = time.perf_counter()
+        flags: dict[str, list[bool]] = {}
+        to_check = [p for p in group if p.request.enable_safety_checker and p.request_id not in bad | cancelled]
+        if self.safety_checker is not None and to_check:
+            flat = [im for p in to_check for im in outputs[p.request_id]]
+            verdicts = iter(self.safety_checker.check(flat))
+            for p in to_check:
+                flags[p.request_id] = [next(verdicts) for _ in outputs[p.request_id]]
+                outputs[p.request_id] = [
+                    SafetyChecker.blacken(im) if flag else im
+                    for im, flag in zip(outputs[p.request_id], flags[p.request_id], strict=True)
+                ]
+            timings["safety_checker"] = time.perf_counter() - clock
+
+        results = []
+        for p, prompt in zip(group, prompts, strict=True):
+            rid = p.request_id
+            if p.nothing_to_paint:
+                results.append(self._passthrough(p))
+                continue
+            result = InpaintResult(
+                request_id=rid, seed=p.seed, prompt=prompt, timings={**p.timings, **_round(timings)}
+            )
+            if rid in cancelled:
+                result.error = RequestCancelled(f"request {rid} was cancelled")
+            elif rid in bad:
+                result.error = NonFiniteOutputError(
+                    "the VAE decode produced NaN/inf values (fp16 overflow); no image was returned"
+                )
+            else:
+                result.images = outputs[rid]
+                result.has_nsfw_concepts = flags.get(rid, [False] * len(outputs[rid]))
+            results.append(result)
+        return results
+
+
+def _round(timings: dict[str, Any]) -> dict[str, float]:
+    return {k: round(float(v), 6) for k, v in timings.items()}

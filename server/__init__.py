@@ -1,0 +1,1 @@
+"""The HTTP face of inpaint-server and its command line. Imports torch only through ``pipelines``."""

@@ -1,0 +1,296 @@
+"""``inpaint-server``: one-shot generation, model download and tiny offline models.
+
+stdout carries only the command's result (the fal-shaped JSON for ``generate``); logs and progress
+bars go to stderr. A bad argument exits with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import NoReturn
+
+from .image_sizes import parse_image_size
+from .sources import SourceError, read_source
+
+PROG = "inpaint-server"
+log = logging.getLogger(PROG)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line on stderr."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("INPAINT_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "inpaint-server"
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise argparse.ArgumentTypeError(f"expected KEY=PATH, got {text!r}")
+    return key, value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        return parse_image_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    models = OneLineParser(add_help=False)
+    models.add_argument("--data-dir", type=Path, default=None, help="data directory (default $INPAINT_DATA_DIR)")
+    models.add_argument(
+        "--models",
+        choices=("hub", "tiny"),
+        default="hub",
+        help="hub: the real weights from the Hugging Face cache; tiny: tiny random-weight stand-ins "
+        "(generated under the data directory on first use)",
+    )
+    models.add_argument("--config-dir", type=Path, default=None, help="app configs (default: the bundled configs/)")
+    models.add_argument(
+        "--model-path",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=PATH",
+        help="use a local file or folder instead of the Hub (keys: base, vae, safety_checker, "
+        "prompt_expansion, APP:STEPS such as fast-lightning-sdxl:4)",
+    )
+    models.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+
+    parser = OneLineParser(prog=PROG, description="Self-hosted few-step SDXL inpainting, fal-compatible.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    gen = sub.add_parser("generate", parents=[models], help="inpaint one image and print fal-shaped JSON")
+    gen.add_argument("--app", required=True, help="fal-ai/fast-lightning-sdxl/inpainting or fal-ai/hyper-sdxl/inpainting")
+    gen.add_argument("--image", required=True, help="input image: path, http(s) URL or data URI")
+    gen.add_argument("--mask", required=True, help="mask (white = repaint): path, http(s) URL or data URI")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--steps", type=_positive_int, default=None, help="num_inference_steps (default: the app's)")
+    gen.add_argument("--strength", type=_float, default=None, help="in (0, 1]; default 0.95")
+    gen.add_argument("--seed", type=_positive_int, default=None)
+    gen.add_argument("--num-images", type=_positive_int, default=1)
+    gen.add_argument("--image-size", type=_image_size, default=None, help="preset (square_hd, ...) or WxH")
+    gen.add_argument("--format", choices=("jpeg", "png"), default="jpeg")
+    gen.add_argument("--out", type=Path, default=Path("."), help="folder for the images (default: .)")
+    gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    gen.add_argument("--no-safety-checker", action="store_true", help="enable_safety_checker = false")
+    gen.add_argument("--expand-prompt", action="store_true")
+    gen.add_argument(
+        "--embedding",
+        default=None,
+        metavar="SOURCE[::TOKENS]",
+        help="textual inversion safetensors (path, URL or data URI), optional comma-separated tokens after '::'",
+    )
+
+    dl = sub.add_parser("download", parents=[models], help="pre-fetch every model file into the HF cache")
+    dl.add_argument("--app", action="append", default=None, help="only this app (repeatable; default: all)")
+
+    mdl = sub.add_parser("models", help="model utilities")
+    msub = mdl.add_subparsers(dest="models_command", required=True, parser_class=OneLineParser)
+    tiny = msub.add_parser("make-tiny", help="write tiny random-weight stand-ins as an HF cache in DIR")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--config-dir", type=Path, default=None)
+    return parser
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def _serving(args: argparse.Namespace):
+    """The spec and resolver for ``--models``/``--model-path``/``--config-dir``."""
+    from pipelines.hub import Resolver
+    from pipelines.specs import load_serving_spec
+
+    spec = load_serving_spec(args.config_dir, dict(args.model_path))
+    if args.models == "tiny":
+        from pipelines.tiny import ensure_tiny_models
+
+        data_dir = args.data_dir or default_data_dir()
+        cache = ensure_tiny_models(data_dir)
+        resolver = Resolver(cache_dir=cache, local_files_only=True, fetch_hint=f"{PROG} models make-tiny {cache}")
+    else:
+        resolver = Resolver(fetch_hint=f"{PROG} download --app {getattr(args, 'app', None) or 'APP'}")
+    return spec, resolver
+
+
+def _embedding(text: str):
+    from pipelines import Embedding
+
+    source, _, tokens = text.partition("::")
+    data = read_source(source)
+    name = Path(source).name if not source.startswith("data:") else "embedding"
+    if tokens:
+        return Embedding(data=data, tokens=[t.strip() for t in tokens.split(",")], name=name)
+    return Embedding(data=data, name=name)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipelines import InpaintRequest
+    from pipelines.encode import CONTENT_TYPES, encode_image
+    from pipelines.engine import Engine
+
+    try:
+        image = read_source(args.image)
+        mask = read_source(args.mask)
+        embeddings = [_embedding(args.embedding)] if args.embedding else []
+    except SourceError as exc:
+        _fail(str(exc), 2)
+    spec, resolver = _serving(args)
+    app = spec.app(args.app)
+    steps = app.default_steps if args.steps is None else args.steps
+    if steps not in app.variants:
+        _fail(f"num_inference_steps: {app.app_id} offers {list(app.steps)}, not {steps}", 2)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    request = InpaintRequest(
+        app_id=app.app_id,
+        image=image,
+        mask=mask,
+        prompt=args.prompt,
+        steps=steps,
+        strength=args.strength,
+        seed=args.seed,
+        num_images=args.num_images,
+        image_size=args.image_size,
+        embeddings=embeddings,
+        enable_safety_checker=not args.no_safety_checker,
+        expand_prompt=args.expand_prompt,
+        request_id=uuid.uuid4().hex,
+    )
+    engine = Engine.load(
+        spec,
+        device=device,
+        resolver=resolver,
+        variants=[(app.app_id, steps)],
+        safety_checker=request.enable_safety_checker,
+        prompt_expansion=request.expand_prompt,
+    )
+    prepared = engine.prepare(request)
+    result = engine.run([prepared], on_progress=lambda rid, i, n: log.info("step %d/%d", i, n))[0]
+    if result.error is not None:
+        raise result.error
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for k, img in enumerate(result.images):
+        data = encode_image(img, args.format)
+        path = (args.out / f"{request.request_id}-{k}.{args.format}").resolve()
+        path.write_bytes(data)
+        images.append(
+            {
+                "url": str(path),
+                "content_type": CONTENT_TYPES[args.format],
+                "file_name": path.name,
+                "file_size": len(data),
+                "width": img.width,
+                "height": img.height,
+            }
+        )
+    return _emit(
+        {
+            "images": images,
+            "timings": result.timings,
+            "seed": result.seed,
+            "has_nsfw_concepts": result.has_nsfw_concepts,
+            "prompt": result.prompt,
+        }
+    )
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from pipelines.hub import download_all
+
+    spec, resolver = _serving(args)
+    apps = [spec.app(a) for a in args.app] if args.app else None
+    paths = download_all(spec, apps, resolver)
+    log.info("%d model files/folders present", len(paths))
+    return _emit({"files": sorted({str(p) for p in paths})})
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from pipelines.specs import load_serving_spec
+    from pipelines.tiny import make_tiny_models
+
+    path = make_tiny_models(args.dir, load_serving_spec(args.config_dir))
+    return _emit({"cache_dir": str(Path(path).resolve())})
+
+
+_result_stream = sys.stdout
+
+
+def _emit(payload: dict) -> int:
+    print(json.dumps(payload, indent=2), file=_result_stream)
+    _result_stream.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _result_stream
+    args = build_parser().parse_args(argv)
+    _result_stream = sys.stdout
+    _setup_logging(getattr(args, "verbose", False))
+    from pipelines.errors import ConfigError, EngineError, InputError, ModelFileError
+
+    handlers = {"generate": cmd_generate, "download": cmd_download}
+    handler = cmd_make_tiny if args.command == "models" else handlers[args.command]
+    try:
+        # Libraries sometimes print; keep stdout for the result alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            return handler(args)
+    except InputError as exc:
+        _fail(str(exc), 2)
+    except (ModelFileError, ConfigError) as exc:
+        _fail(str(exc), 1)
+    except EngineError as exc:
+        _fail(f"{exc.error_type}: {exc}", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
