@@ -8,6 +8,8 @@ trajectory; at strength 1.0 the schedules equal the native ones.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,10 @@ from .errors import InputError
 from .specs import VariantSpec
 
 NUM_TRAIN_TIMESTEPS = 1000
+# Strength-scaled schedules start off the native grid on purpose; the schedulers warn about that.
+for _name in ("scheduling_euler_discrete", "scheduling_lcm", "scheduling_tcd"):
+    logging.getLogger(f"diffusers.schedulers.{_name}").setLevel(logging.ERROR)
+
 SCHEDULERS = {
     "EulerDiscreteScheduler": EulerDiscreteScheduler,
     "LCMScheduler": LCMScheduler,
@@ -32,7 +38,7 @@ def trailing_timesteps(steps: int, strength: float, train_steps: int = NUM_TRAIN
 
 def tcd_timesteps(steps: int, strength: float, base_config: dict[str, Any]) -> list[int]:
     """TCD's own strength rule (what ``LatentConsistencyModelImg2ImgPipeline`` uses)."""
-    scheduler = TCDScheduler.from_config(base_config)
+    scheduler = TCDScheduler.from_config(_known(TCDScheduler, base_config))
     scheduler.set_timesteps(steps, strength=strength)
     return [int(t) for t in scheduler.timesteps]
 
@@ -68,7 +74,13 @@ def timesteps_for(variant: VariantSpec, strength: float, base_config: dict[str, 
     return ts
 
 
+def _known(cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The base scheduler config minus keys this scheduler class does not take (it would warn)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in config.items() if k in params or k.startswith("_")}
+
+
 def make_scheduler(variant: VariantSpec, base_config: dict[str, Any]):
     """A fresh scheduler for one batch (schedulers are stateful, so never shared between batches)."""
     cls = SCHEDULERS[variant.scheduler_class]
-    return cls.from_config(base_config, **dict(variant.scheduler_options))
+    return cls.from_config(_known(cls, base_config), **dict(variant.scheduler_options))

@@ -124,7 +124,10 @@ def default_config_dir() -> Path:
     env = os.environ.get("INPAINT_CONFIG_DIR")
     if env:
         return Path(env)
-    return Path(str(resources.files("pipelines.configs")))
+    source_tree = Path(__file__).resolve().parent.parent / "configs"
+    if source_tree.is_dir():  # running from a checkout
+        return source_tree
+    return Path(str(resources.files("pipelines.configs")))  # installed wheel
 
 
 def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
