@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny offline models (generated once per session) and a loaded engine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face cache holding tiny stand-ins for every file the configs name."""
+    from pipelines.tiny import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("tiny") / "hub")
+
+
+@pytest.fixture(scope="session")
+def spec():
+    from pipelines.specs import load_serving_spec
+
+    return load_serving_spec()
+
+
+@pytest.fixture(scope="session")
+def resolver(tiny_cache: Path):
+    from pipelines.hub import Resolver
+
+    return Resolver(cache_dir=tiny_cache, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def engine(spec, resolver):
+    """Every variant of both apps, the safety checker and the prompt expander, on CPU in fp32."""
+    from pipelines.engine import Engine
+
+    return Engine.load(spec, device="cpu", resolver=resolver)
+
+
+@pytest.fixture
+def small_work(engine) -> Iterator[None]:
+    """Work at 64x64-ish instead of 1 MP when a request gives no image_size (keeps CPU tests fast)."""
+    saved = engine.work_pixels
+    engine.work_pixels = 64 * 64
+    yield
+    engine.work_pixels = saved
