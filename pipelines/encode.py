@@ -12,6 +12,7 @@ CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 def encode_image(image: Image.Image, fmt: str) -> bytes:
     """Encode without metadata; the same image always gives the same bytes."""
     buf = io.BytesIO()
+    image = Image.frombytes(image.mode, image.size, image.tobytes())  # drops every info entry (ICC, EXIF)
     if fmt == "jpeg":
         image.convert("RGB").save(buf, format="JPEG", quality=95)
     elif fmt == "png":

@@ -104,9 +104,11 @@ class Engine:
         resolver = resolver or Resolver()
         store = ModelStore(device, dtype, resolver)
         chosen: dict[tuple[str, int], VariantSpec] = {}
-        wanted = list(variants) if variants is not None else [
-            (app.app_id, n) for app in spec.apps.values() for n in app.steps
-        ]
+        wanted = (
+            list(variants)
+            if variants is not None
+            else [(app.app_id, n) for app in spec.apps.values() for n in app.steps]
+        )
         for app_ref, steps in wanted:
             app = spec.app(app_ref)
             if steps not in app.variants:
@@ -218,7 +220,7 @@ class Engine:
             try:
                 prepared = req if isinstance(req, PreparedRequest) else self.prepare(req)
             except InputError as exc:
-                results[i] = InpaintResult(request_id=req.request_id if hasattr(req, "request_id") else "", error=exc)
+                results[i] = InpaintResult(request_id=req.request_id, error=exc)
                 continue
             groups.setdefault(self.batch_key(prepared), []).append((i, prepared))
         for members in groups.values():
@@ -264,7 +266,9 @@ class Engine:
 
         # 2. Text encoding, one row per output image (embeddings loaded just for this).
         clock = time.perf_counter()
-        per_image_prompts = [prompt for p, prompt in zip(group, prompts, strict=True) for _ in range(p.request.num_images)]
+        per_image_prompts = [
+            prompt for p, prompt in zip(group, prompts, strict=True) for _ in range(p.request.num_images)
+        ]
         with textual_inversion(pipe, group[0].embedding if len(group) == 1 else None):
             embeds, pooled = pipe.encode_prompts(per_image_prompts)
         _sync(device)
@@ -273,7 +277,6 @@ class Engine:
         # 3. Denoise.
         clock = time.perf_counter()
         image_of = [j for j, p in enumerate(group) for _ in range(p.request.num_images)]
-        owners = [p for p in group for _ in range(p.request.num_images)]
         generators = [
             torch.Generator(device=device).manual_seed((p.seed + k) % SEED_RANGE)
             for p in group
@@ -290,23 +293,19 @@ class Engine:
             generators=generators,
             strength=group[0].strength,
         )
-        cancelled: set[str] = set()
-        live = list(range(len(owners)))
+        cancelled: set[int] = set()  # indices into group
+        live = list(range(len(image_of)))
 
         def on_step(i: int, total: int) -> list[int] | None:
             nonlocal live
-            reported = set()
-            for row in live:
-                rid = owners[row].request_id
-                if rid not in reported and on_progress is not None:
-                    on_progress(rid, i + 1, total)
-                reported.add(rid)
+            active = sorted({image_of[row] for row in live})
+            if on_progress is not None:
+                for j in active:
+                    on_progress(group[j].request_id, i + 1, total)
             if should_stop is None or i == total - 1:
                 return None
-            for rid in reported:
-                if rid not in cancelled and should_stop(rid):
-                    cancelled.add(rid)
-            keep = [k for k, row in enumerate(live) if owners[row].request_id not in cancelled]
+            cancelled.update(j for j in active if should_stop(group[j].request_id))
+            keep = [k for k, row in enumerate(live) if image_of[row] not in cancelled]
             live = [live[k] for k in keep]
             return keep
 
@@ -317,58 +316,49 @@ class Engine:
 
         # 4. Decode, check for NaN/inf, composite onto the exact input pixels.
         clock = time.perf_counter()
-        decoded, finite = pipe.decode(latents) if rows else (None, [])
-        pixels = (
-            (decoded.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-            if decoded is not None
-            else None
-        )
-        timings["decode"] = time.perf_counter() - clock
-        outputs: dict[str, list[Image.Image]] = {p.request_id: [] for p in group}
-        bad: set[str] = set()
-        clock = time.perf_counter()
-        for k, row in enumerate(rows):
-            p = owners[row]
-            if not finite[k]:
-                bad.add(p.request_id)
-                continue
-            generated = Image.fromarray(pixels[k], mode="RGB")
-            outputs[p.request_id].append(imgs.composite(generated, p.inputs.image, p.inputs.mask))
-        timings["postprocess"] = time.perf_counter() - clock
+        outputs: list[list[Image.Image]] = [[] for _ in group]
+        bad: set[int] = set()
+        if rows:
+            decoded, finite = pipe.decode(latents)
+            pixels = (decoded.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+            timings["decode"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            for k, row in enumerate(rows):
+                j = image_of[row]
+                if not finite[k]:
+                    bad.add(j)
+                    continue
+                generated = Image.fromarray(pixels[k], mode="RGB")
+                outputs[j].append(imgs.composite(generated, group[j].inputs.image, group[j].inputs.mask))
+            timings["postprocess"] = time.perf_counter() - clock
 
         # 5. Safety checker on what the user would receive.
         clock = time.perf_counter()
-        flags: dict[str, list[bool]] = {}
-        to_check = [p for p in group if p.request.enable_safety_checker and p.request_id not in bad | cancelled]
+        flags: list[list[bool]] = [[False] * len(out) for out in outputs]
+        to_check = [j for j, p in enumerate(group) if p.request.enable_safety_checker and j not in bad | cancelled]
         if self.safety_checker is not None and to_check:
-            flat = [im for p in to_check for im in outputs[p.request_id]]
-            verdicts = iter(self.safety_checker.check(flat))
-            for p in to_check:
-                flags[p.request_id] = [next(verdicts) for _ in outputs[p.request_id]]
-                outputs[p.request_id] = [
-                    SafetyChecker.blacken(im) if flag else im
-                    for im, flag in zip(outputs[p.request_id], flags[p.request_id], strict=True)
+            verdicts = iter(self.safety_checker.check([im for j in to_check for im in outputs[j]]))
+            for j in to_check:
+                flags[j] = [next(verdicts) for _ in outputs[j]]
+                outputs[j] = [
+                    SafetyChecker.blacken(im) if flag else im for im, flag in zip(outputs[j], flags[j], strict=True)
                 ]
             timings["safety_checker"] = time.perf_counter() - clock
 
         results = []
-        for p, prompt in zip(group, prompts, strict=True):
-            rid = p.request_id
-            if p.nothing_to_paint:
-                results.append(self._passthrough(p))
-                continue
+        for j, (p, prompt) in enumerate(zip(group, prompts, strict=True)):
             result = InpaintResult(
-                request_id=rid, seed=p.seed, prompt=prompt, timings={**p.timings, **_round(timings)}
+                request_id=p.request_id, seed=p.seed, prompt=prompt, timings={**p.timings, **_round(timings)}
             )
-            if rid in cancelled:
-                result.error = RequestCancelled(f"request {rid} was cancelled")
-            elif rid in bad:
+            if j in cancelled:
+                result.error = RequestCancelled(f"request {p.request_id} was cancelled")
+            elif j in bad:
                 result.error = NonFiniteOutputError(
                     "the VAE decode produced NaN/inf values (fp16 overflow); no image was returned"
                 )
             else:
-                result.images = outputs[rid]
-                result.has_nsfw_concepts = flags.get(rid, [False] * len(outputs[rid]))
+                result.images = outputs[j]
+                result.has_nsfw_concepts = flags[j]
             results.append(result)
         return results
 

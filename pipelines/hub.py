@@ -174,7 +174,5 @@ def download_all(
     if with_safety_checker:
         done.append(resolve_repo(spec.engine.safety_checker, SAFETY_CHECKER_FILES, resolver, "safety_checker"))
     if with_prompt_expansion:
-        done.append(
-            resolve_repo(spec.engine.prompt_expansion.model, EXPANSION_FILES, resolver, "prompt_expansion")
-        )
+        done.append(resolve_repo(spec.engine.prompt_expansion.model, EXPANSION_FILES, resolver, "prompt_expansion"))
     return done

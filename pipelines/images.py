@@ -29,9 +29,9 @@ def open_image(data: bytes | Image.Image, field: str) -> Image.Image:
         if not data:
             raise InputError(field, "the file is empty")
         try:
-            image = Image.open(io.BytesIO(data))
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
                 image.load()
         except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise InputError(field, f"cannot decode the image ({exc.__class__.__name__})") from exc
@@ -72,9 +72,7 @@ def to_mask(image: Image.Image) -> Image.Image:
     With a non-opaque alpha channel (RGBA, LA, PA, palette with transparency) the alpha is the mask:
     strokes painted on a transparent canvas mark what to repaint. Otherwise the luminance is.
     """
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
         alpha = rgba.getchannel("A")
@@ -91,7 +89,9 @@ def to_mask(image: Image.Image) -> Image.Image:
 
 
 def binarize(mask: Image.Image) -> np.ndarray:
-    """Boolean (H, W) array: True where the image is repainted."""
+    """Boolean (H, W) array: True where the image is repainted (``mask`` as returned by :func:`to_mask`)."""
+    if mask.mode != "L":
+        mask = to_mask(mask)
     return np.asarray(mask, dtype=np.uint8) >= MASK_THRESHOLD
 
 
@@ -124,9 +124,7 @@ class FittedInputs:
         return self.work_image.size
 
 
-def fit(
-    image: Image.Image, mask: Image.Image, image_size: tuple[int, int] | None, work_pixels: int
-) -> FittedInputs:
+def fit(image: Image.Image, mask: Image.Image, image_size: tuple[int, int] | None, work_pixels: int) -> FittedInputs:
     """Resize image and mask for one request.
 
     With ``image_size`` the output has exactly that size (input stretched to it, the model working at

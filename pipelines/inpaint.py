@@ -95,7 +95,12 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
         dtype = batch.prompt_embeds.dtype
         n = len(batch.image_of)
         height, width = batch.images.shape[-2:]
-        latent_shape = (1, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latent_shape = (
+            1,
+            self.vae.config.latent_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
         generators = list(batch.generators)
 
         # 1. Timesteps, exactly as given.

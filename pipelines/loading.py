@@ -187,7 +187,7 @@ def fuse_lora(unet: UNet2DConditionModel, lora: dict[str, torch.Tensor], scale: 
     Text-encoder parts of a LoRA are refused: the text encoders are shared by every variant.
     """
     try:
-        state, alphas = StableDiffusionXLInpaintPipeline.lora_state_dict(lora, unet_config=unet.config)
+        state, alphas = StableDiffusionXLInpaintPipeline.lora_state_dict(dict(lora), unet_config=unet.config)
     except (ValueError, KeyError, RuntimeError, IndexError) as exc:
         raise ModelFileError(f"{name} is not a LoRA diffusers can read: {exc}") from exc
     if not state:

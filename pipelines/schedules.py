@@ -60,12 +60,14 @@ def timesteps_for(variant: VariantSpec, strength: float, base_config: dict[str, 
         raise InputError("strength", f"must be in (0, 1], got {strength}")
     n = variant.steps
     if strength * NUM_TRAIN_TIMESTEPS < n:
-        raise InputError(
-            "strength", f"{strength} is too low for {n} steps (at least {min_strength(n):g} is needed)"
-        )
+        raise InputError("strength", f"{strength} is too low for {n} steps (at least {min_strength(n):g} is needed)")
     if variant.schedule == "trailing":
         ts = trailing_timesteps(n, strength)
     elif variant.schedule == "tcd":
+        # TCD picks from its 50-step skipping schedule, which needs strength * 50 >= N.
+        original = int(base_config.get("original_inference_steps", 50))
+        if strength * original < n:
+            raise InputError("strength", f"{strength} is too low for {n} steps (at least {n / original:g} is needed)")
         ts = tcd_timesteps(n, strength, base_config)
     else:
         ts = fixed_timesteps(variant.fixed_timesteps, strength)

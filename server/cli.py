@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     gen = sub.add_parser("generate", parents=[models], help="inpaint one image and print fal-shaped JSON")
-    gen.add_argument("--app", required=True, help="fal-ai/fast-lightning-sdxl/inpainting or fal-ai/hyper-sdxl/inpainting")
+    gen.add_argument(
+        "--app", required=True, help="fal-ai/fast-lightning-sdxl/inpainting or fal-ai/hyper-sdxl/inpainting"
+    )
     gen.add_argument("--image", required=True, help="input image: path, http(s) URL or data URI")
     gen.add_argument("--mask", required=True, help="mask (white = repaint): path, http(s) URL or data URI")
     gen.add_argument("--prompt", required=True)
@@ -153,7 +155,7 @@ def _serving(args: argparse.Namespace):
         from pipelines.tiny import ensure_tiny_models
 
         data_dir = args.data_dir or default_data_dir()
-        cache = ensure_tiny_models(data_dir)
+        cache = ensure_tiny_models(data_dir, config_dir=args.config_dir)
         resolver = Resolver(cache_dir=cache, local_files_only=True, fetch_hint=f"{PROG} models make-tiny {cache}")
     else:
         resolver = Resolver(fetch_hint=f"{PROG} download --app {getattr(args, 'app', None) or 'APP'}")
@@ -255,10 +257,9 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from pipelines.specs import load_serving_spec
     from pipelines.tiny import make_tiny_models
 
-    path = make_tiny_models(args.dir, load_serving_spec(args.config_dir))
+    path = make_tiny_models(args.dir, config_dir=args.config_dir)
     return _emit({"cache_dir": str(Path(path).resolve())})
 
 

@@ -98,9 +98,7 @@ def test_lora_variants_are_fused_and_unloaded(engine, spec):
         names = [n for n, _ in unet.named_parameters()]
         assert not [n for n in names if "lora" in n]
         assert not getattr(unet, "peft_config", None)
-        changed = [
-            k for k, v in unet.state_dict().items() if not torch.equal(v, base_state[k].to(v.dtype))
-        ]
+        changed = [k for k, v in unet.state_dict().items() if not torch.equal(v, base_state[k].to(v.dtype))]
         assert changed and all("attn" in k for k in changed)  # only attention projections moved
 
 
