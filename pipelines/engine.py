@@ -240,7 +240,7 @@ class Engine:
             has_nsfw_concepts=[False] * n,
             seed=p.seed,
             prompt=p.request.prompt,
-            timings={**p.timings, "inference": 0.0},
+            timings=_round({**p.timings, "inference": 0.0}),
         )
 
     def _run_group(
@@ -348,7 +348,7 @@ class Engine:
         results = []
         for j, (p, prompt) in enumerate(zip(group, prompts, strict=True)):
             result = InpaintResult(
-                request_id=p.request_id, seed=p.seed, prompt=prompt, timings={**p.timings, **_round(timings)}
+                request_id=p.request_id, seed=p.seed, prompt=prompt, timings=_round({**p.timings, **timings})
             )
             if j in cancelled:
                 result.error = RequestCancelled(f"request {p.request_id} was cancelled")

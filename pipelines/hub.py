@@ -94,11 +94,11 @@ def _hub_file(repo: str, revision: str, file: str, resolver: Resolver, key: str)
                 local_files_only=resolver.offline,
             )
         )
+    except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: check it first
+        reason = "offline: HF_HUB_OFFLINE or local-only mode" if resolver.offline else str(exc).splitlines()[0]
+        raise _missing(repo, revision, file, resolver, reason, key) from exc
     except EntryNotFoundError:
         return None
-    except LocalEntryNotFoundError as exc:
-        reason = "offline: HF_HUB_OFFLINE or local-only mode" if resolver.offline else f"{exc}".splitlines()[0]
-        raise _missing(repo, revision, file, resolver, reason, key) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise _missing(repo, revision, file, resolver, str(exc).splitlines()[0], key) from exc
 
@@ -115,7 +115,12 @@ def resolve_repo(repo: RepoSpec, needs: Iterable[FileNeed], resolver: Resolver, 
         return folder
     folder: Path | None = None
     for need in needs:
-        path = _hub_file(repo.repo, repo.revision, need.path, resolver, key)
+        try:
+            path = _hub_file(repo.repo, repo.revision, need.path, resolver, key)
+        except ModelFileError:
+            if need.optional:  # offline, an optional file that is not cached may simply not exist
+                continue
+            raise
         if path is None:
             if need.optional:
                 continue

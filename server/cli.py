@@ -158,7 +158,9 @@ def _serving(args: argparse.Namespace):
         cache = ensure_tiny_models(data_dir, config_dir=args.config_dir)
         resolver = Resolver(cache_dir=cache, local_files_only=True, fetch_hint=f"{PROG} models make-tiny {cache}")
     else:
-        resolver = Resolver(fetch_hint=f"{PROG} download --app {getattr(args, 'app', None) or 'APP'}")
+        app = getattr(args, "app", None)
+        app = app[0] if isinstance(app, list) and len(app) == 1 else app
+        resolver = Resolver(fetch_hint=f"{PROG} download" + (f" --app {app}" if isinstance(app, str) else ""))
     return spec, resolver
 
 

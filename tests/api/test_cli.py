@@ -1,0 +1,143 @@
+"""``inpaint-server`` as a user runs it: a subprocess, JSON alone on stdout, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.helpers import box_mask, noise_image
+
+CLI = [sys.executable, "-m", "server.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
+    """Inputs on disk and a data directory whose tiny models are already generated."""
+    work = tmp_path_factory.mktemp("cli")
+    noise_image(96, 64, seed=1).save(work / "photo.png")
+    box_mask(96, 64).save(work / "mask.png")
+    shutil.copytree(tiny_cache, work / "data" / "tiny-models" / "hub", symlinks=True)
+    return work
+
+
+def run(args: list[str], workdir: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "INPAINT_DATA_DIR": str(workdir / "data"), "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(
+        CLI + args, cwd=workdir, env=environment, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def generate(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    base = ["generate", "--models", "tiny", "--app", "fal-ai/fast-lightning-sdxl/inpainting"]
+    base += ["--image", "photo.png", "--mask", "mask.png", "--prompt", "a lighthouse"]
+    return run(base + list(extra), workdir)
+
+
+def test_generate_prints_fal_shaped_json_and_writes_images(workdir):
+    proc = generate(workdir, "--steps", "2", "--seed", "7", "--num-images", "2", "--format", "png", "--out", "out")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)  # stdout holds the JSON and nothing else
+    assert set(payload) == {"images", "timings", "seed", "has_nsfw_concepts", "prompt"}
+    assert payload["seed"] == 7 and payload["prompt"] == "a lighthouse"
+    assert payload["has_nsfw_concepts"] == [False, False]
+    assert payload["timings"]["inference"] > 0
+    for item in payload["images"]:
+        path = Path(item["url"])
+        assert path.is_file() and path.parent == workdir / "out"
+        assert item["content_type"] == "image/png" and item["file_size"] == path.stat().st_size
+        with Image.open(path) as im:
+            assert im.size == (item["width"], item["height"]) == (96, 64)  # the input's own size
+    assert "step 2/2" in proc.stderr
+
+
+def test_generate_is_reproducible_and_honours_image_size(workdir):
+    first = generate(workdir, "--seed", "3", "--image-size", "64x48", "--out", "a")
+    second = generate(workdir, "--seed", "3", "--image-size", "64x48", "--out", "b")
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    one, two = json.loads(first.stdout)["images"][0], json.loads(second.stdout)["images"][0]
+    assert (one["width"], one["height"]) == (64, 48)
+    assert Path(one["url"]).read_bytes() == Path(two["url"]).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--steps", "3"], "num_inference_steps"),
+        (["--strength", "1.5"], "strength"),
+        (["--num-images", "9"], "num_images"),
+        (["--image-size", "huge"], "image size"),
+        (["--format", "gif"], "--format"),
+        (["--seed", "abc"], "--seed"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(workdir, extra, needle):
+    proc = generate(workdir, *extra)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("inpaint-server: error:")]
+    assert len(lines) == 1 and needle in lines[0]
+
+
+def test_unreadable_image_names_the_field(workdir):
+    (workdir / "broken.png").write_bytes(b"not an image")
+    proc = run(
+        ["generate", "--models", "tiny", "--app", "hyper-sdxl", "--image", "broken.png", "--mask", "mask.png", "-v"],
+        workdir,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "inpaint-server: error: the following arguments are required: --prompt" in proc.stderr
+    proc = run(
+        [
+            "generate",
+            "--models",
+            "tiny",
+            "--app",
+            "hyper-sdxl",
+            "--image",
+            "broken.png",
+            "--mask",
+            "mask.png",
+            "--prompt=x",
+        ],
+        workdir,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "inpaint-server: error: image_url:" in proc.stderr.splitlines()[-1]
+
+
+def test_missing_models_name_repo_file_and_command(workdir, tmp_path):
+    proc = run(
+        ["generate", "--app", "hyper-sdxl", "--image", "photo.png", "--mask", "mask.png", "--prompt", "x"],
+        workdir,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in last and "tokenizer/" in last
+    assert "inpaint-server download --app hyper-sdxl" in last and "HF_HUB_OFFLINE" in last
+
+
+def test_download_uses_the_hf_cache_from_hf_home(workdir, tmp_path, tiny_cache):
+    """The real loader reads the tiny models through HF_HOME + HF_HUB_OFFLINE, unchanged."""
+    shutil.copytree(tiny_cache, tmp_path / "hf" / "hub", symlinks=True)
+    proc = run(["download", "--app", "fast-lightning-sdxl"], workdir, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    assert proc.returncode == 0, proc.stderr
+    files = json.loads(proc.stdout)["files"]
+    assert any(f.endswith("sdxl_lightning_8step_unet.safetensors") for f in files)
+    assert all(f.startswith(str(tmp_path / "hf" / "hub")) for f in files)
+
+
+def test_models_make_tiny_writes_an_hf_cache(tmp_path, workdir):
+    proc = run(["models", "make-tiny", str(tmp_path / "cache")], workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["cache_dir"] == str(tmp_path / "cache")
+    assert (tmp_path / "cache" / "models--ByteDance--Hyper-SD").is_dir()
