@@ -107,3 +107,4 @@ def textual_inversion(pipe, parsed: ParsedEmbedding | None) -> Iterator[None]:
     finally:
         for encoder, tokenizer in reversed(loaded):
             pipe.unload_textual_inversion(tokens=parsed.all_tokens, text_encoder=encoder, tokenizer=tokenizer)
+            encoder.config.vocab_size = encoder.get_input_embeddings().num_embeddings  # diffusers leaves it grown

@@ -225,7 +225,11 @@ class Engine:
             groups.setdefault(self.batch_key(prepared), []).append((i, prepared))
         for members in groups.values():
             batch = [p for _, p in members]
-            for (i, _), result in zip(members, self._run_group(batch, should_stop, on_progress), strict=True):
+            try:
+                group_results = self._run_group(batch, should_stop, on_progress)
+            except InputError as exc:  # e.g. an embedding refused while loading; nothing stays loaded
+                group_results = [InpaintResult(request_id=p.request_id, seed=p.seed, error=exc) for p in batch]
+            for (i, _), result in zip(members, group_results, strict=True):
                 results[i] = result
         return [r for r in results if r is not None]
 

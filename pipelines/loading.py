@@ -149,7 +149,7 @@ class ModelStore:
         expected = unet.state_dict()
         if ckpt.kind == "unet":
             state = read_safetensors(path, self.device)
-            check_state_dict(expected, state, ckpt.file)
+            check_state_dict(expected, state, path.name)
             unet.load_state_dict(state, strict=True, assign=True)
             unet.to(device=self.device, dtype=self.dtype)
         else:
@@ -157,7 +157,7 @@ class ModelStore:
             check_state_dict(expected, base_state, f"{base.repo} unet")
             unet = unet.to(dtype=self.dtype).to_empty(device=self.device)
             unet.load_state_dict(base_state, strict=True)
-            fuse_lora(unet, read_safetensors(path, "cpu"), ckpt.lora_scale, ckpt.file)
+            fuse_lora(unet, read_safetensors(path, "cpu"), ckpt.lora_scale, path.name)
         log.info("loaded UNet %s (%s) for %s", ckpt.file, ckpt.kind, key)
         return unet.eval().requires_grad_(False)
 

@@ -176,7 +176,7 @@ def test_lora_matching_no_layer_is_a_model_file_error(engine, spec, resolver, tm
     save_file({"unet.nothing.lora_A.weight": torch.zeros(4, 8), "unet.nothing.lora_B.weight": torch.zeros(8, 4)}, path)
     with pytest.raises(ModelFileError) as info:
         load_with(spec, resolver, "hyper-sdxl:2", path, ("hyper-sdxl", 2))
-    assert "nothing_lora.safetensors" in str(info.value)
+    assert "not found in the base model" in str(info.value) or "matched" in str(info.value)
     assert_serves(engine)
 
 
@@ -199,8 +199,16 @@ def test_empty_safetensors_lora_is_refused(engine, spec, resolver, tmp_path):
     save_file({}, path)
     with pytest.raises(ModelFileError) as info:
         load_with(spec, resolver, "hyper-sdxl:2", path, ("hyper-sdxl", 2))
-    assert "empty_lora.safetensors" in str(info.value)
+    assert "no LoRA weights" in str(info.value)
     assert_serves(engine)
+
+
+@pytest.mark.parametrize("kind", ["wrong-shape", "missing-keys"])
+def test_model_file_error_names_the_overriding_file(spec, resolver, unet_state, tmp_path, kind):
+    path, _ = bad_unet_files(tmp_path, unet_state)[kind]
+    with pytest.raises(ModelFileError) as info:
+        load_with(spec, resolver, "fast-lightning-sdxl:4", path, ("fast-lightning-sdxl", 4))
+    assert path.name in str(info.value)
 
 
 def test_valid_unet_override_loads(spec, resolver, unet_state, tmp_path):
