@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image
 
@@ -15,3 +17,10 @@ def box_mask(width: int = 64, height: int = 48, box: tuple[int, int, int, int] |
     mask = Image.new("L", (width, height), 0)
     mask.paste(255, box or (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
     return mask
+
+
+def png(image: Image.Image, **save_options) -> bytes:
+    """The image encoded as PNG (lossless, so decoded pixels equal the original)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **save_options)
+    return buf.getvalue()

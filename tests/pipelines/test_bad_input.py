@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,11 @@ from pipelines.engine import Engine
 from pipelines.errors import InputError, ModelFileError
 from pipelines.specs import apply_overrides
 from pipelines.types import InpaintRequest
-from tests.helpers import box_mask, noise_image
+from tests.helpers import box_mask, noise_image, png
 
 LIGHTNING = "fal-ai/fast-lightning-sdxl/inpainting"
 HYPER = "fal-ai/hyper-sdxl/inpainting"
 SIZE = (64, 48)
-
-
-def png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def request(**kw) -> InpaintRequest:

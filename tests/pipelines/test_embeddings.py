@@ -12,16 +12,10 @@ from safetensors.torch import save
 from pipelines.embeddings import ParsedEmbedding, textual_inversion
 from pipelines.errors import InputError
 from pipelines.types import Embedding, InpaintRequest
-from tests.helpers import box_mask, noise_image
+from tests.helpers import box_mask, noise_image, png
 
 APP = "fal-ai/fast-lightning-sdxl/inpainting"
 SIZE = (64, 48)
-
-
-def png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,9 @@ from pipelines import images as imgs
 from pipelines.encode import encode_image
 from pipelines.errors import NonFiniteOutputError, RequestCancelled
 from pipelines.types import InpaintRequest
-from tests.helpers import box_mask, noise_image
+from tests.helpers import box_mask, noise_image, png
 
 APP = "fal-ai/fast-lightning-sdxl/inpainting"
-
-
-def png(image: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", **kw)
-    return buf.getvalue()
 
 
 def mask_variants() -> dict[str, Image.Image]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
@@ -13,18 +12,12 @@ from pipelines.errors import ModelFileError
 from pipelines.hub import Resolver, download_all
 from pipelines.specs import apply_overrides
 from pipelines.types import InpaintRequest
-from tests.helpers import box_mask, noise_image
+from tests.helpers import box_mask, noise_image, png
 
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
 LIGHTNING_REPO = "ByteDance/SDXL-Lightning"
 SIZE = (64, 48)
-
-
-def png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def request(steps: int = 2) -> InpaintRequest:

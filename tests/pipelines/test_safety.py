@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from pipelines.types import InpaintRequest
-from tests.helpers import box_mask, noise_image
+from tests.helpers import box_mask, noise_image, png
 
 APP = "fal-ai/fast-lightning-sdxl/inpainting"
 SIZE = (64, 48)
-
-
-def png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def request(**kw) -> InpaintRequest:

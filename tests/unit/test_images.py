@@ -12,16 +12,11 @@ from PIL import Image, ImageOps
 
 from pipelines import images as imgs
 from pipelines.errors import InputError
+from tests.helpers import png
 
 
 def arr(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
-
-
-def png_bytes(image: Image.Image, **params) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", **params)
-    return buf.getvalue()
 
 
 def gradient_rgb(width: int = 6, height: int = 4) -> Image.Image:
@@ -120,7 +115,7 @@ def test_to_mask_palette_with_transparency_uses_alpha():
 
 def test_to_mask_palette_with_transparency_survives_png_round_trip():
     image = _palette_image()
-    data = png_bytes(image, transparency=0)
+    data = png(image, transparency=0)
     decoded = imgs.open_image(data, "mask_url")
     assert arr(imgs.to_mask(decoded)).tolist() == [[0, 255, 255]]
 
@@ -135,7 +130,7 @@ def test_to_mask_i16_is_scaled_not_clipped():
 
 def test_to_mask_i16_png_round_trip():
     image = Image.fromarray(np.array([[0, 65535], [65535, 0]], dtype=np.uint16))
-    decoded = imgs.open_image(png_bytes(image), "mask_url")
+    decoded = imgs.open_image(png(image), "mask_url")
     assert decoded.mode.startswith("I")
     assert arr(imgs.to_mask(decoded)).tolist() == [[0, 255], [255, 0]]
 
@@ -247,7 +242,7 @@ def test_open_image_empty_bytes():
 def test_open_image_truncated_png():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), mode="RGB")
-    data = png_bytes(image)
+    data = png(image)
     with pytest.raises(InputError) as info:
         imgs.open_image(data[: len(data) // 2], "image_url")
     assert info.value.field == "image_url"
@@ -262,7 +257,7 @@ def test_open_image_zero_size_pil_image():
 
 def test_open_image_valid_png_decodes():
     image = gradient_rgb(5, 3)
-    out = imgs.open_image(png_bytes(image), "image_url")
+    out = imgs.open_image(png(image), "image_url")
     assert out.size == (5, 3)
     assert np.array_equal(arr(out.convert("RGB")), arr(image))
 
@@ -284,7 +279,7 @@ def test_open_image_applies_exif_orientation(orientation):
     base = gradient_rgb(6, 4)
     exif = Image.Exif()
     exif[0x0112] = orientation
-    data = png_bytes(base, exif=exif)
+    data = png(base, exif=exif)
 
     out = imgs.open_image(data, "image_url")
     reference = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
@@ -304,14 +299,14 @@ def test_open_image_applies_exif_orientation_to_pil_input():
     base = gradient_rgb(6, 4)
     exif = Image.Exif()
     exif[0x0112] = 6
-    decoded = Image.open(io.BytesIO(png_bytes(base, exif=exif)))
+    decoded = Image.open(io.BytesIO(png(base, exif=exif)))
     out = imgs.open_image(decoded, "image_url")
     assert np.array_equal(arr(out.convert("RGB")), arr(base.transpose(Image.Transpose.ROTATE_270)))
 
 
 def test_open_image_rejects_decompression_bomb(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    data = png_bytes(Image.new("L", (50, 50)))  # 2500 px > 2 * MAX_IMAGE_PIXELS: Pillow raises
+    data = png(Image.new("L", (50, 50)))  # 2500 px > 2 * MAX_IMAGE_PIXELS: Pillow raises
     with pytest.raises(InputError) as info:
         imgs.open_image(data, "image_url")
     assert info.value.field == "image_url"
@@ -319,7 +314,7 @@ def test_open_image_rejects_decompression_bomb(monkeypatch):
 
 def test_open_image_rejects_decompression_bomb_warning_range(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    data = png_bytes(Image.new("L", (40, 40)))  # 1600 px: between the warning and the error limits
+    data = png(Image.new("L", (40, 40)))  # 1600 px: between the warning and the error limits
     with pytest.raises(InputError) as info:  # the warning is an error, not a log line
         imgs.open_image(data, "image_url")
     assert info.value.field == "image_url"
