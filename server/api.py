@@ -1,0 +1,272 @@
+"""fal's model API: sync run, queue submit, status (polling and SSE), result and cancel.
+
+Status, result and cancel URLs carry only ``owner/alias`` (fal drops the sub-path there); the
+sub-path forms and trailing slashes are accepted too, without redirects. Only the three wire states
+appear; failures and cancels are ``COMPLETED`` with ``error`` and ``error_type``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from pipelines.specs import AppSpec
+
+from .errors import (
+    REQUEST_ID_HEADER,
+    TIMEOUT_TYPE_HEADER,
+    AlreadyCompleted,
+    BadRequest,
+    NotFound,
+    StillInProgress,
+    error_response,
+)
+from .jobs import PRIORITIES, Job, JobState
+from .routing import QUEUE_PREFIX_KEY
+from .schemas import Output, input_model
+from .service import JobService
+
+TRUE_FLAGS = ("1", "true", "yes", "on")
+STREAM_KEEPALIVE_S = 10.0
+
+
+def _flag(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in TRUE_FLAGS
+
+
+def _priority(request: Request) -> int:
+    value = request.headers.get("x-fal-queue-priority")
+    if value is None:
+        return PRIORITIES["normal"]
+    try:
+        return PRIORITIES[value.strip().lower()]
+    except KeyError:
+        raise BadRequest(f"X-Fal-Queue-Priority must be 'normal' or 'low', not {value!r}") from None
+
+
+def _start_timeout(request: Request) -> float | None:
+    value = request.headers.get("x-fal-request-timeout")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise BadRequest(f"X-Fal-Request-Timeout must be a positive number of seconds, not {value!r}")
+    return seconds
+
+
+def result_response(service: JobService, job: Job) -> JSONResponse:
+    """What the result route (and a sync run) answers for a terminal job."""
+    if job.state is JobState.SUCCEEDED:
+        output = service.result_of(job)
+        if output is None:
+            raise NotFound(
+                "this result was returned inline (sync_mode) and is no longer held by the server", request_id=job.id
+            )
+        return JSONResponse(output, headers={REQUEST_ID_HEADER: job.id})
+    headers = {TIMEOUT_TYPE_HEADER: "user"} if job.error_type == "request_timeout" else None
+    return error_response(job.http_status, job.error_body or {}, job.error_type, job.id, headers)
+
+
+def fal_router(
+    service: JobService,
+    apps: list[AppSpec],
+    owner_of: Callable[..., str],
+    base_url_of: Callable[[Request], str],
+) -> APIRouter:
+    router = APIRouter()
+
+    def submit_job(request: Request, app: AppSpec, payload: BaseModel, owner: str, sync: bool, webhook: str | None):
+        endpoint = "/".join(app.app_id.split("/")[:2])
+        return service.submit(
+            app_id=app.app_id,
+            endpoint=endpoint,
+            payload=payload.model_dump(mode="json"),
+            owner=owner,
+            base_url=base_url_of(request),
+            queue_prefix=request.scope.get(QUEUE_PREFIX_KEY, "/queue"),
+            priority=_priority(request),
+            start_timeout=_start_timeout(request),
+            webhook_url=webhook,
+            sync=sync,
+        )
+
+    for app in apps:
+        model = input_model(app)
+        _add_app_routes(router, app, model, submit_job, owner_of)
+
+    # Status, stream, result and cancel. /queue first: "/queue/a/b/requests/x" must not be read as
+    # owner "queue", alias "a", sub-path "b".
+    for prefix in ("/queue", ""):
+        for sub in ("/{owner}/{alias}", "/{owner}/{alias}/{path}"):
+            for slash in ("", "/"):
+                shown = prefix == "/queue" and sub == "/{owner}/{alias}" and slash == ""
+                base = f"{prefix}{sub}/requests/{{request_id}}"
+                router.add_api_route(
+                    f"{base}/status{slash}",
+                    _status(service, owner_of),
+                    methods=["GET"],
+                    include_in_schema=shown,
+                    tags=["queue"],
+                    summary="Request status",
+                )
+                router.add_api_route(
+                    f"{base}/status/stream{slash}",
+                    _stream(service, owner_of),
+                    methods=["GET"],
+                    include_in_schema=shown,
+                    tags=["queue"],
+                    summary="Request status as server-sent events",
+                )
+                router.add_api_route(
+                    f"{base}{slash}",
+                    _result(service, owner_of),
+                    methods=["GET"],
+                    include_in_schema=shown,
+                    tags=["queue"],
+                    summary="Request result",
+                )
+                router.add_api_route(
+                    f"{base}/cancel{slash}",
+                    _cancel(service, owner_of),
+                    methods=["PUT"],
+                    include_in_schema=shown,
+                    tags=["queue"],
+                    summary="Cancel a request",
+                )
+
+    @router.post("/{path:path}", include_in_schema=False)
+    async def unknown_app(path: str, owner: str = Depends(owner_of)) -> None:
+        raise NotFound(f"no app at /{path}; this server serves: {', '.join(a.app_id for a in apps)}")
+
+    return router
+
+
+def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], submit_job, owner_of) -> None:
+    async def run(request: Request, payload: model = Body(...), owner: str = Depends(owner_of)):  # type: ignore[valid-type]
+        job = submit_job(request, app, payload, owner, True, None)
+        service: JobService = request.app.state.service
+        while not job.state.is_terminal():
+            if not await service.wait(job, 1.0) and await request.is_disconnected():
+                if not job.state.is_terminal():
+                    service.cancel(job)
+                break
+        return result_response(service, job) if job.state.is_terminal() else JSONResponse({}, status_code=499)
+
+    async def submit(
+        request: Request,
+        payload: model = Body(...),  # type: ignore[valid-type]
+        fal_webhook: str | None = Query(None, description="URL to POST the result to when the request completes."),
+        owner: str = Depends(owner_of),
+    ) -> JSONResponse:
+        if fal_webhook is not None and not fal_webhook.startswith(("http://", "https://")):
+            raise BadRequest("fal_webhook must be an http(s) URL")
+        job = submit_job(request, app, payload, owner, False, fal_webhook)
+        service: JobService = request.app.state.service
+        body = {
+            "status": "IN_QUEUE",
+            "request_id": job.id,
+            **job.urls(),
+            "queue_position": service.position(job) or 0,
+            "gateway_request_id": job.id,
+        }
+        return JSONResponse(body, headers={REQUEST_ID_HEADER: job.id})
+
+    # The body type is this app's model; annotations are strings under `from __future__ import annotations`.
+    run.__annotations__["payload"] = model
+    submit.__annotations__["payload"] = model
+    router.add_api_route(
+        f"/{app.app_id}",
+        run,
+        methods=["POST"],
+        response_model=Output,
+        tags=[app.app_id],
+        summary=f"Run {app.app_id} and wait for the result",
+    )
+    router.add_api_route(
+        f"/queue/{app.app_id}",
+        submit,
+        methods=["POST"],
+        tags=[app.app_id],
+        summary=f"Queue a request to {app.app_id}",
+    )
+
+
+def _job_for(service: JobService, request: Request, owner: str, request_id: str) -> Job:
+    params = request.path_params
+    return service.get(request_id, owner, f"{params['owner']}/{params['alias']}")
+
+
+def _status(service: JobService, owner_of):
+    async def status(request: Request, request_id: str, logs: str | None = None, owner: str = Depends(owner_of)):
+        job = _job_for(service, request, owner, request_id)
+        body = job.status_body(service.position(job), _flag(logs))
+        code = 200 if job.state.is_terminal() else 202
+        return JSONResponse(body, status_code=code, headers={REQUEST_ID_HEADER: job.id})
+
+    return status
+
+
+def _stream(service: JobService, owner_of):
+    async def stream(request: Request, request_id: str, logs: str | None = None, owner: str = Depends(owner_of)):
+        job = _job_for(service, request, owner, request_id)
+        with_logs = _flag(logs)
+
+        async def events() -> AsyncIterator[str]:
+            sent_logs = 0
+            last: Any = None
+            while True:
+                position = service.position(job)
+                state = (job.state, position)
+                new_logs = with_logs and len(job.logs) > sent_logs
+                if state != last or new_logs:
+                    body = job.status_body(position, with_logs, sent_logs)
+                    if with_logs:
+                        sent_logs = len(job.logs)
+                    last = state
+                    yield f"data: {json.dumps(body)}\n\n"
+                if job.state.is_terminal():
+                    return
+                # While queued, look again each second: the position moves without this job changing.
+                timeout = 1.0 if job.state is JobState.QUEUED else STREAM_KEEPALIVE_S
+                if not await service.wait(job, timeout) and job.state is not JobState.QUEUED:
+                    yield ": keep-alive\n\n"
+
+        headers = {REQUEST_ID_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    return stream
+
+
+def _result(service: JobService, owner_of):
+    async def result(request: Request, request_id: str, owner: str = Depends(owner_of)):
+        job = _job_for(service, request, owner, request_id)
+        if not job.state.is_terminal():
+            raise StillInProgress("the request is still in progress; poll its status", request_id=job.id)
+        return result_response(service, job)
+
+    return result
+
+
+def _cancel(service: JobService, owner_of):
+    async def cancel(request: Request, request_id: str, owner: str = Depends(owner_of)):
+        job = _job_for(service, request, owner, request_id)
+        try:
+            service.cancel(job)
+        except AlreadyCompleted as exc:
+            exc.request_id = job.id
+            raise
+        return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202, headers={REQUEST_ID_HEADER: job.id})
+
+    return cancel
+
+
+__all__ = ["fal_router", "result_response"]

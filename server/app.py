@@ -1,0 +1,237 @@
+"""The FastAPI app factory: ``create_app(settings, engine=..., clock=...)``.
+
+Tests build the real app with tiny real models; production builds it from settings and loads the
+engine in the background (``/health/ready`` is 503 until it is loaded and warm).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from pipelines.specs import load_serving_spec
+
+from . import __version__
+from .api import fal_router
+from .auth import KeyAuth
+from .engine_host import EngineHost
+from .errors import ERROR_TYPE_HEADER, ApiError, NotFound, error_response
+from .files import FileStore
+from .metrics import Metrics
+from .routing import FalRouting
+from .service import JobService
+from .settings import Settings
+from .storage import UploadTokens, storage_router
+from .store import JobStore
+from .webhooks import WebhookSender, WebhookSigner
+
+log = logging.getLogger("inpaint-server")
+
+CORS_EXPOSE = ["x-fal-request-id", "x-fal-request-timeout-type", "x-fal-error-type"]
+IMAGE_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png"}
+
+
+def create_app(
+    settings: Settings,
+    engine: Any = None,
+    engine_loader: Callable[[], Any] | None = None,
+    clock: Callable[[], float] = time.time,
+    webhook_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """The server. Give ``engine`` (loaded) or ``engine_loader`` (called on a thread at start);
+    with neither, the engine is loaded from ``settings`` (``models``, ``device``, ``apps``...)."""
+    spec = load_serving_spec(settings.config_dir, settings.model_paths)
+    apps = list(spec.apps.values())
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(data_dir / "jobs.sqlite3")
+    files = FileStore(data_dir)
+    metrics = Metrics()
+    auth = KeyAuth(settings.api_keys)
+    signer = None
+    if settings.webhook_signing:
+        signer = WebhookSigner(settings.webhook_key_file or data_dir / "webhook-ed25519.pem")
+    webhooks = WebhookSender(
+        store,
+        metrics,
+        signer,
+        max_attempts=settings.webhook_max_attempts,
+        retry_base_s=settings.webhook_retry_base_s,
+        retry_max_s=settings.webhook_retry_max_s,
+        timeout_s=settings.webhook_timeout_s,
+        clock=clock,
+        transport=webhook_transport,
+    )
+    if engine is None and engine_loader is None:
+        engine_loader = _default_loader(settings)
+    host = EngineHost(engine=engine, loader=engine_loader, warmup=settings.warmup)
+    service = JobService(settings, store, files, host, metrics, webhooks, clock=clock)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not auth.enabled:
+            log.warning("no API keys configured: anyone who can reach this port can use the server (set --api-key)")
+        host.start()
+        await service.start()
+        webhooks.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+            await webhooks.stop()
+            store.close()
+
+    app = FastAPI(
+        title="inpaint-server",
+        version=__version__,
+        description="Self-hosted, fal-compatible few-step SDXL inpainting.",
+        redirect_slashes=False,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.store = store
+    app.state.host = host
+    app.state.metrics = metrics
+    app.state.webhooks = webhooks
+
+    def owner_of(request: Request) -> str:
+        return auth.owner(request.headers.get("authorization"))
+
+    def base_url_of(request: Request) -> str:
+        if settings.public_url:
+            return settings.public_url
+        host_header = request.headers.get("host") or f"{settings.host}:{settings.port}"
+        return f"{request.url.scheme}://{host_header}"
+
+    _install_error_handlers(app)
+
+    @app.get("/health/live", tags=["operations"])
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health/ready", tags=["operations"])
+    async def ready() -> JSONResponse:
+        metrics.ready.set(1 if host.ready else 0)
+        if host.ready:
+            return JSONResponse({"status": "ready"})
+        body = {"status": host.state, "detail": host.error or f"models are {host.state}"}
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics", tags=["operations"])
+    async def prometheus() -> Response:
+        metrics.ready.set(1 if host.ready else 0)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/.well-known/jwks.json", tags=["operations"])
+    async def jwks() -> dict[str, Any]:
+        if signer is None:
+            raise NotFound("webhook signing is off")
+        return signer.jwks()
+
+    @app.get("/files/{request_id}/{name}", include_in_schema=False)
+    async def result_file(request_id: str, name: str) -> FileResponse:
+        path = files.result_path(request_id, name)
+        media = IMAGE_TYPES.get(name.rpartition(".")[2].lower())
+        if path is None or media is None or not path.is_file() or path.is_symlink():
+            raise NotFound("no such file")
+        return FileResponse(path, media_type=media, headers={"X-Content-Type-Options": "nosniff"})
+
+    tokens = UploadTokens(data_dir / "upload-secret.key")
+    app.include_router(
+        storage_router(
+            store, files, tokens, owner_of, base_url_of, settings.upload_max_bytes, settings.result_retention_s, clock
+        )
+    )
+    app.include_router(fal_router(service, apps, owner_of, base_url_of))
+
+    app.add_middleware(FalRouting)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "PUT", "OPTIONS"],
+        allow_headers=["*"],
+        expose_headers=CORS_EXPOSE,
+    )
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = []
+        for err in exc.errors():
+            item = {k: v for k, v in err.items() if k in ("loc", "msg", "type", "input", "ctx", "url")}
+            if "ctx" in item:
+                item["ctx"] = {k: str(v) for k, v in item["ctx"].items()}
+            detail.append(item)
+        # A request id even for a refused request: the JS client reports it as error.requestId.
+        return error_response(422, {"detail": _jsonable(detail)}, "invalid_input", str(uuid.uuid4()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"detail": exc.detail, "error_type": kind}, status_code=exc.status_code, headers={ERROR_TYPE_HEADER: kind}
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {"detail": "internal server error", "error_type": "internal_error"},
+            status_code=500,
+            headers={ERROR_TYPE_HEADER: "internal_error"},
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    from fastapi.encoders import jsonable_encoder
+
+    return jsonable_encoder(value)
+
+
+def _default_loader(settings: Settings) -> Callable[[], Any]:
+    def load() -> Any:
+        import torch
+
+        from pipelines.engine import Engine
+        from pipelines.hub import Resolver
+
+        spec = load_serving_spec(settings.config_dir, settings.model_paths)
+        if settings.models == "tiny":
+            from pipelines.tiny import ensure_tiny_models
+
+            cache = ensure_tiny_models(settings.data_dir, config_dir=settings.config_dir)
+            resolver = Resolver(
+                cache_dir=cache, local_files_only=True, fetch_hint=f"inpaint-server models make-tiny {cache}"
+            )
+        else:
+            resolver = Resolver(fetch_hint="inpaint-server download")
+        variants = None
+        if settings.apps:
+            variants = []
+            for item in settings.apps:
+                name, _, steps = item.partition(":")
+                app = spec.app(name)
+                variants += [(app.app_id, int(steps))] if steps else [(app.app_id, n) for n in app.steps]
+        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return Engine.load(spec, device=device, resolver=resolver, variants=variants)
+
+    return load

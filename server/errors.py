@@ -1,0 +1,130 @@
+"""Every error the server answers with, mapped to HTTP status, ``error_type`` and headers in one place.
+
+Route bodies raise :class:`ApiError` subclasses; the handlers in :mod:`server.app` turn them into
+JSON. Status codes that make fal's clients retry (408, 409, 429, 502-504) are never used for
+permanent failures; 504 appears only for the user's own start timeout, marked so clients do not retry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+REQUEST_ID_HEADER = "x-fal-request-id"
+ERROR_TYPE_HEADER = "X-Fal-Error-Type"
+TIMEOUT_TYPE_HEADER = "X-Fal-Request-Timeout-Type"
+
+# Engine and job error types -> HTTP status of the stored result.
+STATUS_FOR_ERROR_TYPE = {
+    "invalid_input": 422,
+    "input_fetch_error": 422,
+    "cancelled": 499,
+    "request_timeout": 504,
+    "interrupted": 500,
+    "nonfinite_output": 500,
+    "engine_error": 500,
+    "model_file_error": 500,
+    "config_error": 500,
+    "internal_error": 500,
+}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"detail", "error_type"}`` with ``X-Fal-Error-Type``."""
+
+    status = 500
+    error_type = "internal_error"
+
+    def __init__(self, detail: Any, request_id: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.request_id = request_id
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.detail, "error_type": self.error_type}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.body(), self.error_type, self.request_id, self.headers)
+
+
+class BadRequest(ApiError):
+    status = 400
+    error_type = "bad_request"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    error_type = "unauthorized"
+
+    def __init__(self, detail: str = "missing or invalid API key; send 'Authorization: Key <key>'") -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Key"})
+
+
+class NotFound(ApiError):
+    status = 404
+    error_type = "not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    error_type = "payload_too_large"
+
+
+class ValidationFailed(ApiError):
+    """422 in FastAPI's ``detail`` list shape, so JS raises ``ValidationError`` with ``fieldErrors``."""
+
+    status = 422
+    error_type = "invalid_input"
+
+    def __init__(self, field: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(validation_detail(field, message), request_id)
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.detail}
+
+
+class AlreadyCompleted(ApiError):
+    """Cancel of a finished request: fal answers 400 ``{"status": "ALREADY_COMPLETED"}``."""
+
+    status = 400
+    error_type = "already_completed"
+
+    def body(self) -> dict[str, Any]:
+        return {"status": "ALREADY_COMPLETED", "detail": "the request has already completed"}
+
+
+class StillInProgress(ApiError):
+    """Result asked for before completion. Not 202: JS ``queue.result()`` would read it as success."""
+
+    status = 400
+    error_type = "still_in_progress"
+
+
+def validation_detail(field: str, message: str) -> list[dict[str, Any]]:
+    loc: list[str | int] = ["body", *[p for p in field.split(".") if p]]
+    return [{"loc": loc, "msg": message, "type": "value_error"}]
+
+
+def error_response(
+    status: int,
+    body: dict[str, Any],
+    error_type: str | None,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    out = dict(headers or {})
+    if error_type:
+        out[ERROR_TYPE_HEADER] = error_type
+    if request_id:
+        out[REQUEST_ID_HEADER] = request_id
+    return JSONResponse(body, status_code=status, headers=out)
+
+
+def job_error(error_type: str, message: str, field: str | None = None) -> tuple[int, dict[str, Any]]:
+    """HTTP status and body stored for a job that ended with this error."""
+    status = STATUS_FOR_ERROR_TYPE.get(error_type, 500)
+    if status == 422:
+        return status, {"detail": validation_detail(field or "input", message), "error_type": error_type}
+    return status, {"detail": message, "error_type": error_type}

@@ -1,0 +1,80 @@
+"""Files on disk: generated images (``/files/...``) and client uploads (``/uploads/...``).
+
+Every served name is chosen by the server (request ids, random tokens, ``<n>.<ext>``) and checked
+against a strict pattern before it touches the file system, so no user text becomes a path.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str, default: str = "file") -> str:
+    """A client-proposed file name reduced to ``[A-Za-z0-9._-]``, no leading dot, at most 100 chars."""
+    cleaned = _UNSAFE.sub("_", name).lstrip("._")[:100]
+    return cleaned or default
+
+
+class FileStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.results = data_dir / "files"
+        self.uploads = data_dir / "uploads"
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.uploads.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ generated images
+
+    def result_path(self, request_id: str, name: str) -> Path | None:
+        if not (_ID.match(request_id) and _NAME.match(name)):
+            return None
+        return self.results / request_id / name
+
+    def write_result(self, request_id: str, name: str, data: bytes) -> Path:
+        path = self.result_path(request_id, name)
+        if path is None:
+            raise ValueError(f"bad result file name {request_id}/{name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return path
+
+    def delete_results(self, request_id: str) -> None:
+        if _ID.match(request_id):
+            shutil.rmtree(self.results / request_id, ignore_errors=True)
+
+    # ------------------------------------------------------------------ uploads
+
+    def upload_path(self, token: str) -> Path | None:
+        if not _ID.match(token):
+            return None
+        return self.uploads / token
+
+    def delete_upload(self, token: str) -> None:
+        path = self.upload_path(token)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def local_file(self, url_path: str) -> Path | None:
+        """The local file behind one of this server's own URL paths, or None.
+
+        ``/files/<request id>/<name>`` and ``/uploads/<token>/<name>`` (with an optional prefix such as
+        a reverse-proxy path) are read from disk instead of fetched over the network.
+        """
+        parts = [p for p in url_path.split("/") if p]
+        if len(parts) < 3:
+            return None
+        kind, ident, name = parts[-3:]
+        if kind == "files":
+            path = self.result_path(ident, name)
+        elif kind == "uploads" and _NAME.match(name):
+            path = self.upload_path(ident)
+        else:
+            return None
+        return path if path is not None and path.is_file() else None

@@ -1,0 +1,129 @@
+"""The job: one request's life, its internal states and how they show on the wire.
+
+Internal states are ``queued``, ``running``, ``succeeded``, ``failed`` and ``cancelled``. fal's clients
+know only three wire states (``IN_QUEUE``, ``IN_PROGRESS``, ``COMPLETED``); a failure or a cancel is
+``COMPLETED`` with ``error`` and ``error_type``. Anything else would crash the Python client
+(``ValueError: Unknown status``) or make the JS client poll forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def wire(self) -> str:
+        """The status string fal's clients see."""
+        return _WIRE[self]
+
+    def is_terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+_WIRE = {
+    JobState.QUEUED: "IN_QUEUE",
+    JobState.RUNNING: "IN_PROGRESS",
+    JobState.SUCCEEDED: "COMPLETED",
+    JobState.FAILED: "COMPLETED",
+    JobState.CANCELLED: "COMPLETED",
+}
+
+PRIORITIES = {"normal": 0, "low": 1}
+LOG_LEVELS = ("STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG")
+
+
+def log_entry(message: str, level: str = "INFO", when: float | None = None) -> dict[str, str]:
+    """A status log line in fal's shape."""
+    stamp = dt.datetime.fromtimestamp(when, dt.UTC) if when is not None else dt.datetime.now(dt.UTC)
+    return {"message": message, "level": level, "source": "USER", "timestamp": stamp.isoformat()}
+
+
+@dataclass
+class Job:
+    """One request. Persistent fields are written to the job store; the rest lives in memory only.
+
+    ``endpoint`` is ``owner/alias`` (what status/result/cancel URLs carry); ``app_id`` is the full id
+    the request was made to. ``error_body``/``http_status`` are what the result route answers for a
+    failed or cancelled job, verbatim.
+    """
+
+    id: str
+    app_id: str
+    endpoint: str
+    owner: str
+    input: dict[str, Any]
+    seed: int
+    created_at: float
+    base_url: str
+    queue_prefix: str = "/queue"
+    priority: int = 0
+    seq: int = 0
+    state: JobState = JobState.QUEUED
+    attempts: int = 0
+    sync: bool = False
+    webhook_url: str | None = None
+    start_deadline: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    expires_at: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    error_type: str | None = None
+    error_body: dict[str, Any] | None = None
+    http_status: int = 200
+    logs: list[dict[str, str]] = field(default_factory=list)
+    inference_time: float | None = None
+    files: list[str] = field(default_factory=list)
+    # In memory only.
+    cancel_requested: bool = False
+    version: int = 0
+    _changed: asyncio.Event | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def sync_mode(self) -> bool:
+        return bool(self.input.get("sync_mode"))
+
+    def urls(self) -> dict[str, str]:
+        base = f"{self.base_url}{self.queue_prefix}/{self.endpoint}/requests/{self.id}"
+        return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
+
+    # ------------------------------------------------------------ change notification (event loop only)
+
+    def changed_event(self) -> asyncio.Event:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def notify(self) -> None:
+        """Wake everyone waiting on this job (status streams, sync runs)."""
+        self.version += 1
+        event, self._changed = self._changed, None
+        if event is not None:
+            event.set()
+
+    def add_log(self, message: str, level: str = "INFO", when: float | None = None) -> None:
+        self.logs.append(log_entry(message, level, when))
+
+    def status_body(self, queue_position: int | None, with_logs: bool, logs_from: int = 0) -> dict[str, Any]:
+        """The status JSON for polling (all logs) or streaming (``logs_from`` onwards)."""
+        body: dict[str, Any] = {"status": self.state.wire, "request_id": self.id, **self.urls()}
+        if self.state is JobState.QUEUED:
+            body["queue_position"] = queue_position if queue_position is not None else 0
+        body["logs"] = self.logs[logs_from:] if with_logs else None
+        if self.state.is_terminal():
+            body["metrics"] = {"inference_time": self.inference_time}
+            if self.error is not None:
+                body["error"] = self.error
+                body["error_type"] = self.error_type
+        return body

@@ -1,0 +1,181 @@
+"""Server settings: one pydantic-settings class.
+
+Every field can be set on the command line (``inpaint-server serve --help``), as an ``INPAINT_*``
+environment variable, or in a TOML config file (``--config FILE`` or ``INPAINT_CONFIG``); that is
+also the order of precedence. A bad value fails at start with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "INPAINT_"
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "inpaint-server"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    data_dir: Path = Field(
+        default_factory=default_data_dir, description="Job store, generated files, uploads and keys live here."
+    )
+    public_url: str | None = Field(
+        None,
+        description="Base URL clients reach this server at (used in *_url fields and file URLs). "
+        "Default: the scheme and Host of each request.",
+    )
+    models: Literal["hub", "tiny"] = Field(
+        "hub", description="hub: real weights from the Hugging Face cache; tiny: tiny random-weight stand-ins."
+    )
+    device: str | None = Field(None, description="cpu or cuda[:N] (default: cuda when available).")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys (clients send 'Authorization: Key <key>'); comma-separated in the "
+        "environment. Empty: no authentication.",
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; serves HTTPS together with tls_key.")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
+    config_dir: Path | None = Field(None, description="App configs (default: the bundled configs/).")
+    model_paths: dict[str, str] = Field(
+        default_factory=dict,
+        description="Local files instead of the Hub, KEY=PATH (see inpaint-server generate --help).",
+    )
+    apps: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Load only these variants, as APP or APP:STEPS (e.g. fast-lightning-sdxl:4). Default: all.",
+    )
+    warmup: bool = Field(True, description="Run one small request per variant before reporting ready.")
+    max_batch_size: int = Field(4, ge=1, le=64, description="Most requests run together in one GPU batch.")
+    result_retention_s: float = Field(
+        7 * 24 * 3600, gt=0, description="Completed requests and their files are deleted this long after completion."
+    )
+    gc_interval_s: float = Field(600, gt=0, description="How often expired requests and files are collected.")
+    max_attempts: int = Field(
+        2, ge=1, le=10, description="Runs a job gets when restarts interrupt it; then it fails with 'interrupted'."
+    )
+    input_max_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Largest image, mask or embedding fetched.")
+    input_timeout_s: float = Field(20.0, gt=0, description="Deadline for fetching one input URL.")
+    upload_max_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Largest file accepted by the upload routes.")
+    webhook_max_attempts: int = Field(10, ge=1, le=100, description="Delivery attempts per webhook.")
+    webhook_retry_base_s: float = Field(15.0, gt=0, description="Delay before the first retry; doubles each time.")
+    webhook_retry_max_s: float = Field(2700.0, gt=0, description="Longest delay between two webhook attempts.")
+    webhook_timeout_s: float = Field(15.0, gt=0, description="Per-attempt timeout of a webhook delivery.")
+    webhook_signing: bool = Field(
+        True, description="Sign webhooks with Ed25519 (X-Fal-Webhook-* headers; keys at /.well-known/jwks.json)."
+    )
+    webhook_key_file: Path | None = Field(
+        None, description="Ed25519 private key (PEM) for webhook signatures; default DATA_DIR/webhook-ed25519.pem."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"], description="Origins allowed to call the API from a browser."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("api_keys", "apps", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("model_paths", mode="before")
+    @classmethod
+    def _parse_pairs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            pairs = {}
+            for item in filter(None, (p.strip() for p in value.split(","))):
+                key, sep, path = item.partition("=")
+                if not sep or not key or not path:
+                    raise ValueError(f"expected KEY=PATH pairs separated by commas, got {item!r}")
+                pairs[key] = path
+            return pairs
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_ascii(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if not key.isascii() or not key.isprintable() or " " in key:
+                raise ValueError("API keys must be printable ASCII without spaces")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://, e.g. https://gpu-box.example.com")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = _config_file.get()
+        if config is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config))
+        return tuple(sources)
+
+
+class SettingsError(ValueError):
+    """Settings could not be built; the message lists each bad setting and where to fix it."""
+
+
+def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | None = None) -> Settings:
+    """Settings from ``overrides`` (command line), ``INPAINT_*`` variables and the config file."""
+    config_file = config_file or (Path(os.environ["INPAINT_CONFIG"]) if os.environ.get("INPAINT_CONFIG") else None)
+    if config_file is not None and not config_file.is_file():
+        raise SettingsError(f"config file {config_file} does not exist")
+    token = _config_file.set(config_file)
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            hint = f" (--{name.replace('_', '-')}, {ENV_PREFIX}{name.upper()} or '{name}' in the config file)"
+            if not err["loc"]:
+                hint = ""
+            lines.append(f"{name}: {err['msg']}{hint}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    finally:
+        _config_file.reset(token)

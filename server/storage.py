@@ -1,0 +1,165 @@
+"""Storage emulation, so the fal clients' uploads land on this server.
+
+* JS (``@fal-ai/client`` auto-upload of Blobs): ``POST /storage/upload/initiate`` returns an
+  ``upload_url`` on this server with an unguessable token in its path, then ``PUT upload_url`` with
+  the bytes (no Authorization, as the client sends none) and the input carries ``file_url``.
+* Python (``fal_client.upload*``): ``POST /storage/auth/token`` returns a short-lived signed token,
+  then ``POST /files/upload`` with the bytes and ``Authorization: Bearer <token>`` returns
+  ``access_url``.
+
+Uploaded files are served at ``GET /uploads/<token>/<name>`` and expire with the result retention.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import mimetypes
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from .errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from .files import FileStore, safe_name
+from .store import JobStore, UploadRow
+
+TOKEN_TTL_S = 3600
+ALLOWED_UPLOAD_TYPES = ("image/", "application/octet-stream")
+
+
+class UploadTokens:
+    """Stateless tokens ``<payload>.<hmac>``: they survive restarts, which the Python client's cache needs."""
+
+    def __init__(self, secret_file: Path) -> None:
+        if not secret_file.is_file():
+            secret_file.parent.mkdir(parents=True, exist_ok=True)
+            secret_file.write_bytes(secrets.token_bytes(32))
+            secret_file.chmod(0o600)
+        self._secret = secret_file.read_bytes()
+
+    def issue(self, owner: str, now: float) -> tuple[str, float]:
+        expires = now + TOKEN_TTL_S
+        payload = base64.urlsafe_b64encode(json.dumps({"o": owner, "e": expires}).encode()).decode().rstrip("=")
+        return f"{payload}.{self._sign(payload)}", expires
+
+    def owner(self, token: str, now: float) -> str | None:
+        payload, _, mac = token.partition(".")
+        if not mac or not hmac.compare_digest(mac, self._sign(payload)):
+            return None
+        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return data["o"] if data["e"] > now else None
+
+    def _sign(self, payload: str) -> str:
+        return hmac.new(self._secret, payload.encode(), hashlib.sha256).hexdigest()
+
+
+def storage_router(
+    store: JobStore,
+    files: FileStore,
+    tokens: UploadTokens,
+    owner_of: Callable[..., str],
+    base_url_of: Callable[[Request], str],
+    max_bytes: int,
+    retention_s: float,
+    clock: Callable[[], float],
+) -> APIRouter:
+    router = APIRouter(tags=["storage"])
+
+    def reserve(owner: str, file_name: str, content_type: str) -> UploadRow:
+        now = clock()
+        row = UploadRow(
+            secrets.token_urlsafe(24), owner, safe_name(file_name), content_type, None, now, now + retention_s
+        )
+        store.add_upload(row)
+        return row
+
+    async def receive_body(request: Request, path: Path) -> int:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise PayloadTooLarge(f"uploads are limited to {max_bytes} bytes")
+        size = 0
+        tmp = path.with_suffix(".part")
+        try:
+            with tmp.open("wb") as fh:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise PayloadTooLarge(f"uploads are limited to {max_bytes} bytes")
+                    fh.write(chunk)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size
+
+    def content_type_of(value: str | None) -> str:
+        value = (value or "application/octet-stream").split(";")[0].strip().lower()
+        if not value.startswith(ALLOWED_UPLOAD_TYPES):
+            raise BadRequest(f"only images can be uploaded here, not {value!r}")
+        return value
+
+    @router.post("/storage/upload/initiate")
+    async def initiate(request: Request, owner: str = Depends(owner_of)) -> dict[str, str]:
+        try:
+            body: dict[str, Any] = await request.json()
+        except ValueError:
+            raise BadRequest("expected a JSON body with content_type and file_name") from None
+        if not isinstance(body, dict):
+            raise BadRequest("expected a JSON object with content_type and file_name")
+        content_type = content_type_of(body.get("content_type"))
+        ext = mimetypes.guess_extension(content_type) or ""
+        row = reserve(owner, str(body.get("file_name") or f"upload{ext}"), content_type)
+        url = f"{base_url_of(request)}/uploads/{row.token}/{row.file_name}"
+        return {"upload_url": url, "file_url": url}
+
+    @router.put("/uploads/{token}/{name}", include_in_schema=False)
+    async def put_upload(token: str, name: str, request: Request) -> dict[str, Any]:
+        row = store.get_upload(token)
+        path = files.upload_path(token)
+        if row is None or path is None or name != row.file_name or row.expires_at <= clock():
+            raise NotFound("no such upload")
+        if row.size is not None:
+            raise BadRequest("this upload URL has already been used")
+        size = await receive_body(request, path)
+        store.set_upload_size(token, size)
+        return {"file_url": str(request.url), "size": size}
+
+    @router.post("/storage/auth/token")
+    async def auth_token(request: Request, owner: str = Depends(owner_of)) -> dict[str, str]:
+        token, expires = tokens.issue(owner, clock())
+        return {
+            "token": token,
+            "token_type": "Bearer",
+            "base_url": base_url_of(request),
+            "expires_at": dt.datetime.fromtimestamp(expires, dt.UTC).isoformat(),
+        }
+
+    @router.post("/files/upload")
+    async def files_upload(request: Request) -> JSONResponse:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        owner = tokens.owner(token.strip(), clock()) if scheme.lower() == "bearer" else None
+        if owner is None:
+            raise Unauthorized("missing or expired upload token; get one from POST /storage/auth/token")
+        content_type = content_type_of(request.headers.get("content-type"))
+        row = reserve(owner, request.headers.get("x-fal-file-name") or "upload", content_type)
+        path = files.upload_path(row.token)
+        assert path is not None
+        size = await receive_body(request, path)
+        store.set_upload_size(row.token, size)
+        return JSONResponse({"access_url": f"{base_url_of(request)}/uploads/{row.token}/{row.file_name}"})
+
+    @router.get("/uploads/{token}/{name}", include_in_schema=False)
+    async def get_upload(token: str, name: str) -> FileResponse:
+        row = store.get_upload(token)
+        path = files.upload_path(token)
+        if row is None or path is None or row.size is None or name != row.file_name or not path.is_file():
+            raise NotFound("no such file")
+        return FileResponse(path, media_type=row.content_type, headers={"X-Content-Type-Options": "nosniff"})
+
+    return router
