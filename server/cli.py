@@ -118,12 +118,71 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", parents=[models], help="pre-fetch every model file into the HF cache")
     dl.add_argument("--app", action="append", default=None, help="only this app (repeatable; default: all)")
 
+    _add_serve(sub)
+
     mdl = sub.add_parser("models", help="model utilities")
     msub = mdl.add_subparsers(dest="models_command", required=True, parser_class=OneLineParser)
     tiny = msub.add_parser("make-tiny", help="write tiny random-weight stand-ins as an HF cache in DIR")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--config-dir", type=Path, default=None)
     return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    """``serve``: every option is also an INPAINT_* variable and a config-file key (see server.settings)."""
+    hidden = argparse.SUPPRESS  # only what is given on the command line overrides env and config file
+    srv = sub.add_parser(
+        "serve",
+        help="run the fal-compatible HTTP server",
+        description="Serve both apps over fal's HTTP protocol. Each option can also be set as an INPAINT_* "
+        "environment variable (e.g. INPAINT_PORT) or in a TOML file given with --config.",
+        argument_default=hidden,
+    )
+    srv.add_argument("--config", type=Path, help="TOML settings file (default $INPAINT_CONFIG)")
+    srv.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    srv.add_argument("--port", type=int, help="port (default 8000)")
+    srv.add_argument("--data-dir", type=Path, help="job store, files, keys (default $INPAINT_DATA_DIR)")
+    srv.add_argument("--public-url", help="base URL clients reach this server at (default: from each request)")
+    srv.add_argument("--models", choices=("hub", "tiny"), help="hub (default) or tiny random-weight stand-ins")
+    srv.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    srv.add_argument("--api-key", dest="api_keys", action="append", help="accepted API key (repeatable)")
+    srv.add_argument("--tls-cert", type=Path, help="PEM certificate chain (serves HTTPS with --tls-key)")
+    srv.add_argument("--tls-key", type=Path, help="PEM private key")
+    srv.add_argument("--config-dir", type=Path, help="app configs (default: the bundled configs/)")
+    srv.add_argument("--model-path", dest="model_paths", action="append", type=_key_value, metavar="KEY=PATH")
+    srv.add_argument("--app", dest="apps", action="append", metavar="APP[:STEPS]", help="load only these (repeatable)")
+    srv.add_argument("--max-batch-size", type=int, help="most requests per GPU batch (default 4)")
+    srv.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import SettingsError, load_settings
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "verbose")}
+    if "model_paths" in overrides:
+        overrides["model_paths"] = dict(overrides["model_paths"])
+    try:
+        settings = load_settings(overrides, getattr(args, "config", None))
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    app = create_app(settings)
+    scheme = settings.scheme
+    log.info("listening on %s://%s:%d (data in %s)", scheme, settings.host, settings.port, settings.data_dir)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        log_config=None,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -281,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "verbose", False))
     from pipelines.errors import ConfigError, EngineError, InputError, ModelFileError
 
-    handlers = {"generate": cmd_generate, "download": cmd_download}
+    handlers = {"generate": cmd_generate, "download": cmd_download, "serve": cmd_serve}
     handler = cmd_make_tiny if args.command == "models" else handlers[args.command]
     try:
         # Libraries sometimes print; keep stdout for the result alone.
