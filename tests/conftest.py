@@ -48,3 +48,30 @@ def small_work(engine) -> Iterator[None]:
     engine.work_pixels = 64 * 64
     yield
     engine.work_pixels = saved
+
+
+@pytest.fixture
+def make_server(engine, tmp_path: Path):
+    """Build the real app (tiny engine, fresh data dir) and serve it on a loopback port.
+
+    ``make_server(engine=..., **settings)`` returns a started :class:`tests.live.LiveServer`;
+    every server is stopped at the end of the test.
+    """
+    from server.app import create_app
+    from server.settings import load_settings
+    from tests.live import LiveServer
+
+    servers = []
+
+    def make(engine_override=None, ssl_certfile=None, ssl_keyfile=None, clock=None, **settings):
+        settings.setdefault("data_dir", tmp_path / f"data{len(servers)}")
+        settings.setdefault("warmup", False)
+        kwargs = {"clock": clock} if clock is not None else {}
+        app = create_app(load_settings(settings), engine=engine_override or engine, **kwargs)
+        server = LiveServer(app, ssl_certfile, ssl_keyfile).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
