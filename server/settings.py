@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM certificate chain; serves HTTPS together with tls_key.")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
     config_dir: Path | None = Field(None, description="App configs (default: the bundled configs/).")
-    model_paths: dict[str, str] = Field(
+    model_paths: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="Local files instead of the Hub, KEY=PATH (see inpaint-server generate --help).",
     )
@@ -156,6 +156,25 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+# Settings that `inpaint-server serve` takes as options (the rest: environment or config file).
+CLI_FLAGS = {
+    "host": "--host",
+    "port": "--port",
+    "data_dir": "--data-dir",
+    "public_url": "--public-url",
+    "models": "--models",
+    "device": "--device",
+    "api_keys": "--api-key",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+    "config_dir": "--config-dir",
+    "model_paths": "--model-path",
+    "apps": "--app",
+    "max_batch_size": "--max-batch-size",
+    "log_level": "--log-level",
+}
+
+
 class SettingsError(ValueError):
     """Settings could not be built; the message lists each bad setting and where to fix it."""
 
@@ -172,7 +191,8 @@ def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | N
         lines = []
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"]) or "settings"
-            hint = f" (--{name.replace('_', '-')}, {ENV_PREFIX}{name.upper()} or '{name}' in the config file)"
+            flag = CLI_FLAGS.get(name)
+            hint = f" ({flag + ', ' if flag else ''}{ENV_PREFIX}{name.upper()} or '{name}' in the config file)"
             if not err["loc"]:
                 hint = ""
             lines.append(f"{name}: {err['msg']}{hint}")
