@@ -198,6 +198,9 @@ class JobService:
         self.store.add(job)
         self.active[job.id] = job
         self.queue.push(job)
+        if self.host.ready:
+            # Fetch and decode now (look-ahead), so the job can join the next batch as soon as the GPU is free.
+            self._ensure_prepared(self.host.engine)
         self._queue_changed.set()
         self.metrics.requests.labels(app_id, "sync" if sync else "queue").inc()
         self._update_gauges()

@@ -1,0 +1,196 @@
+"""Operations: liveness and honest readiness, Prometheus metrics, the OpenAPI document, the SSE status stream."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from server.app import create_app
+from server.settings import load_settings
+from tests.api.fal_wire import (
+    HYPER,
+    LIGHTNING,
+    WIRE_STATES,
+    check_status_body,
+    client_for,
+    endpoint,
+    gated_server,
+    gauge,
+    hold_one,
+    metric_samples,
+    poll_until,
+    sse_events,
+    status,
+    submit,
+    wait_for,
+)
+from tests.live import LiveServer
+
+
+def _serve_without_waiting(app: Any) -> tuple[LiveServer, threading.Thread]:
+    """Run ``app`` on a live port without waiting for readiness (it may never become ready)."""
+    live = LiveServer(app)
+    thread = threading.Thread(target=live.server.run, daemon=True)
+    thread.start()
+    poll_until(lambda: live.server.started, what="uvicorn to start")
+    return live, thread
+
+
+def test_liveness_answers(make_server) -> None:
+    server = make_server()
+    response = httpx.get(f"{server.url}/health/live")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_ready_is_503_until_the_engine_is_loaded(engine, tmp_path: Path) -> None:
+    loaded = threading.Event()
+
+    def loader() -> Any:
+        assert loaded.wait(30), "the test never let the engine load"
+        return engine
+
+    app = create_app(load_settings({"data_dir": tmp_path / "data", "warmup": False}), engine_loader=loader)
+    live, thread = _serve_without_waiting(app)
+    try:
+        with client_for(live) as client:
+            assert client.get("/health/live").status_code == 200
+            ready = client.get("/health/ready")
+            assert ready.status_code == 503 and ready.json()["status"] == "loading"
+            assert ready.headers["content-type"] == "application/json"
+            assert gauge(client, "inpaint_ready") == 0
+            # Requests are accepted (durably queued) while the models load, and run once they are ready.
+            rid = submit(client, HYPER)["request_id"]
+            assert status(client, HYPER, rid).json()["status"] == "IN_QUEUE"
+            loaded.set()
+            poll_until(lambda: client.get("/health/ready").status_code == 200, what="readiness")
+            assert client.get("/health/ready").json() == {"status": "ready"}
+            assert gauge(client, "inpaint_ready") == 1
+            assert "error" not in wait_for(client, HYPER, rid)
+    finally:
+        loaded.set()
+        live.server.should_exit = True
+        thread.join(30)
+
+
+def test_ready_stays_503_with_the_reason_when_loading_fails(tmp_path: Path) -> None:
+    def loader() -> Any:
+        raise FileNotFoundError("unet.safetensors is missing; run inpaint-server download")
+
+    app = create_app(load_settings({"data_dir": tmp_path / "data", "warmup": False}), engine_loader=loader)
+    live, thread = _serve_without_waiting(app)
+    try:
+        with client_for(live) as client:
+            poll_until(lambda: client.get("/health/ready").json()["status"] == "failed", what="the load to fail")
+            ready = client.get("/health/ready")
+            assert ready.status_code == 503
+            assert "unet.safetensors is missing" in ready.json()["detail"]
+            assert client.get("/health/live").status_code == 200
+    finally:
+        live.server.should_exit = True
+        thread.join(30)
+
+
+def test_metrics_gauges_latency_stages_and_failures(make_server, engine, request) -> None:
+    server, gate = gated_server(make_server, engine, request)
+    with client_for(server) as client:
+        assert gauge(client, "inpaint_queue_depth") == 0 and gauge(client, "inpaint_in_progress") == 0
+        held = hold_one(client, gate)
+        queued = submit(client)["request_id"]
+        assert gauge(client, "inpaint_queue_depth") == 1 and gauge(client, "inpaint_in_progress") == 1
+        gate.release.set()
+        wait_for(client, LIGHTNING, held)
+        wait_for(client, LIGHTNING, queued)
+        bad = submit(client, HYPER, image_url="data:image/png;base64,bm90IGFuIGltYWdl")["request_id"]
+        assert wait_for(client, HYPER, bad)["error_type"] == "invalid_input"
+
+        samples = metric_samples(client)
+        assert gauge(client, "inpaint_queue_depth") == 0 and gauge(client, "inpaint_in_progress") == 0
+        stages = {
+            dict(labels)["stage"]
+            for (name, labels), value in samples.items()
+            if name == "inpaint_latency_seconds_count" and dict(labels)["app"] == LIGHTNING and value > 0
+        }
+        assert {"queue", "total", "inference", "text_encoding"} <= stages
+        failures = {
+            dict(labels)["error_type"]: value
+            for (name, labels), value in samples.items()
+            if name == "inpaint_failures_total" and dict(labels)["app"] == HYPER
+        }
+        assert failures == {"invalid_input": 1}
+        assert samples[("inpaint_requests_total", (("app", LIGHTNING), ("mode", "queue")))] == 2
+        assert samples[("inpaint_batch_size_count", ())] >= 2
+
+
+def test_openapi_documents_both_apps_with_fal_defaults(make_server) -> None:
+    server = make_server()
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    hyper = schemas["HyperSdxlInpaintingInput"]["properties"]
+    lightning = schemas["FastLightningSdxlInpaintingInput"]["properties"]
+    assert hyper["num_inference_steps"]["default"] == "1"
+    assert hyper["num_inference_steps"]["enum"] == ["1", "2", "4"]
+    assert lightning["num_inference_steps"]["default"] == "4"
+    assert lightning["num_inference_steps"]["enum"] == ["1", "2", "4", "8"]
+    for props in (hyper, lightning):
+        assert props["strength"]["default"] == 0.95
+        assert props["image_size"]["default"] == "square_hd"
+        assert props["format"]["default"] == "jpeg" and props["num_images"]["default"] == 1
+        assert props["enable_safety_checker"]["default"] is True and props["sync_mode"]["default"] is False
+    assert "safety_checker_version" in lightning and "safety_checker_version" not in hyper
+    for app_id in (HYPER, LIGHTNING):
+        assert f"/{app_id}" in doc["paths"] and f"/queue/{app_id}" in doc["paths"]
+    assert "/queue/{owner}/{alias}/requests/{request_id}/status" in doc["paths"]
+
+
+def test_status_stream_sends_log_deltas_and_closes_after_completed(make_server, engine, request) -> None:
+    server, gate = gated_server(make_server, engine, request)
+    with client_for(server) as client:
+        held = hold_one(client, gate)
+        rid = submit(client)["request_id"]
+        url = f"/queue/{endpoint(LIGHTNING)}/requests/{rid}/status/stream"
+        events: list[dict[str, Any]] = []
+        with client.stream(
+            "GET", url, params={"logs": "1"}, headers={"accept": "application/json, text/event-stream"}
+        ) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            assert stream.headers["x-fal-request-id"] == rid
+            for event in sse_events(stream):
+                if event is None:
+                    continue
+                check_status_body(event)
+                events.append(event)
+                if len(events) == 1:
+                    assert event["status"] == "IN_QUEUE" and event["queue_position"] == 0
+                    assert [line["message"] for line in event["logs"]] == ["Request queued"]
+                    gate.release.set()  # let the held request finish; ours runs next
+        # The server closed the stream right after COMPLETED.
+        assert events[-1]["status"] == "COMPLETED" and "error" not in events[-1]
+        assert all(e["status"] != "COMPLETED" for e in events[:-1])
+        order = [WIRE_STATES.index(e["status"]) for e in events]
+        assert order == sorted(order)
+        streamed = [line for e in events for line in e["logs"]]
+        polled = status(client, LIGHTNING, rid, logs="1").json()["logs"]
+        assert streamed == polled  # every line once, none repeated, none missing
+        assert [m for m in (line["message"] for line in streamed) if m.startswith("Step ")] == [
+            f"Step {n}/4" for n in range(1, 5)
+        ]
+        wait_for(client, LIGHTNING, held)
+
+
+def test_status_stream_without_logs_and_of_a_finished_request(make_server) -> None:
+    server = make_server()
+    with client_for(server) as client:
+        rid = submit(client, HYPER)["request_id"]
+        with client.stream("GET", f"/queue/{endpoint(HYPER)}/requests/{rid}/status/stream") as stream:
+            events = [e for e in sse_events(stream) if e is not None]
+        assert events[-1]["status"] == "COMPLETED"
+        assert all(e["logs"] is None for e in events)
+        # A finished request: exactly one COMPLETED event, then the stream ends.
+        with client.stream("GET", f"/queue/{endpoint(HYPER)}/requests/{rid}/status/stream?logs=0") as stream:
+            events = [e for e in sse_events(stream) if e is not None]
+        assert [e["status"] for e in events] == ["COMPLETED"]
+        assert events[0]["metrics"]["inference_time"] > 0
