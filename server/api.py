@@ -143,9 +143,12 @@ def fal_router(
                     summary="Cancel a request",
                 )
 
-    @router.post("/{path:path}", include_in_schema=False)
-    async def unknown_app(path: str, owner: str = Depends(owner_of)) -> None:
-        raise NotFound(f"no app at /{path}; this server serves: {', '.join(a.app_id for a in apps)}")
+    @router.api_route("/{path:path}", methods=["GET", "POST"], include_in_schema=False)
+    async def unknown_route(path: str, request: Request) -> None:
+        if request.method == "POST":
+            owner_of(request)  # an unknown app answers 401 before 404 when keys are on, like a known one
+            raise NotFound(f"no app at /{path}; this server serves: {', '.join(a.app_id for a in apps)}")
+        raise NotFound(f"no route {request.method} /{path}")
 
     return router
 

@@ -147,6 +147,8 @@ def create_app(
         media = IMAGE_TYPES.get(name.rpartition(".")[2].lower())
         if path is None or media is None or not path.is_file() or path.is_symlink():
             raise NotFound("no such file")
+        if not service.files_live(request_id):
+            raise NotFound("no such file (expired)")
         return FileResponse(path, media_type=media, headers={"X-Content-Type-Options": "nosniff"})
 
     tokens = UploadTokens(data_dir / "upload-secret.key")
@@ -188,14 +190,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(
-            {"detail": exc.detail, "error_type": kind}, status_code=exc.status_code, headers={ERROR_TYPE_HEADER: kind}
+            {"detail": exc.detail, "error_type": kind, "message": str(exc.detail)},
+            status_code=exc.status_code,
+            headers={ERROR_TYPE_HEADER: kind},
         )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(
-            {"detail": "internal server error", "error_type": "internal_error"},
+            {"detail": "internal server error", "error_type": "internal_error", "message": "internal server error"},
             status_code=500,
             headers={ERROR_TYPE_HEADER: "internal_error"},
         )

@@ -43,7 +43,8 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"detail": self.detail, "error_type": self.error_type}
+        # `message` is what the JS clients show as the error text (they read body.message).
+        return {"detail": self.detail, "error_type": self.error_type, "message": str(self.detail)}
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.body(), self.error_type, self.request_id, self.headers)
@@ -92,7 +93,8 @@ class AlreadyCompleted(ApiError):
     error_type = "already_completed"
 
     def body(self) -> dict[str, Any]:
-        return {"status": "ALREADY_COMPLETED", "detail": "the request has already completed"}
+        detail = "the request has already completed"
+        return {"status": "ALREADY_COMPLETED", "detail": detail, "message": detail}
 
 
 class StillInProgress(ApiError):
@@ -127,4 +129,4 @@ def job_error(error_type: str, message: str, field: str | None = None) -> tuple[
     status = STATUS_FOR_ERROR_TYPE.get(error_type, 500)
     if status == 422:
         return status, {"detail": validation_detail(field or "input", message), "error_type": error_type}
-    return status, {"detail": message, "error_type": error_type}
+    return status, {"detail": message, "error_type": error_type, "message": message}

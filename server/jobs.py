@@ -85,8 +85,8 @@ class Job:
     logs: list[dict[str, str]] = field(default_factory=list)
     inference_time: float | None = None
     files: list[str] = field(default_factory=list)
-    # In memory only.
     cancel_requested: bool = False
+    # In memory only.
     version: int = 0
     _changed: asyncio.Event | None = field(default=None, repr=False, compare=False)
 

@@ -18,6 +18,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 PROXY_PATHS = ("/api/fal/proxy", "/api/fal/proxy/")
 TARGET_HEADER = b"x-fal-target-url"
 QUEUE_PREFIX_KEY = "inpaint.queue_prefix"
+REST_HOSTS = ("rest.fal.ai", "rest.alpha.fal.ai")
+REST_PATHS = ("/storage/",)  # like fal's own proxy, only the storage API of the REST hosts
 _TARGETS = {"fal.run": "", "queue.fal.run": "/queue", "rest.fal.ai": "", "rest.alpha.fal.ai": ""}
 
 
@@ -41,6 +43,9 @@ class FalRouting:
             if parts.scheme != "https" or prefix is None:
                 await _reject(send, f"proxy target {target.decode('latin-1')!r} is not a fal URL this server answers")
                 return
+            if parts.hostname in REST_HOSTS and not (parts.path or "").startswith(REST_PATHS):
+                await _reject(send, f"proxy target {parts.path!r} on {parts.hostname} is not served here")
+                return
             new_path = prefix + (parts.path or "/")
             scope = {
                 **scope,
@@ -59,7 +64,7 @@ class FalRouting:
 
 
 async def _reject(send: Send, detail: str) -> None:
-    body = json.dumps({"detail": detail, "error_type": "bad_request"}).encode()
+    body = json.dumps({"detail": detail, "error_type": "bad_request", "message": detail}).encode()
     await send(
         {
             "type": "http.response.start",

@@ -135,6 +135,9 @@ class JobService:
         """Requeue what a previous process left: queued jobs in order, an interrupted job once more."""
         for job in self.store.unfinished():
             if job.state is JobState.RUNNING:
+                if job.cancel_requested:  # the cancel was acknowledged (202); a restart must not undo it
+                    self._finish_now(job, "cancelled", "the request was cancelled while running")
+                    continue
                 if job.sync:
                     self._finish_now(job, "interrupted", "the server restarted while this synchronous run was running")
                     continue
@@ -216,7 +219,14 @@ class JobService:
                 self._remember(job)
         if job is None or job.owner != owner or (endpoint is not None and job.endpoint != endpoint):
             raise NotFound(f"request {job_id} not found", request_id=None)
+        if job.expires_at is not None and job.expires_at <= self.clock():  # expired, not yet collected
+            raise NotFound(f"request {job_id} not found (expired)", request_id=None)
         return job
+
+    def files_live(self, job_id: str) -> bool:
+        """Whether a request's generated files may still be served (it exists and has not expired)."""
+        job = self.active.get(job_id) or self.finished.get(job_id) or self.store.get(job_id)
+        return job is not None and (job.expires_at is None or job.expires_at > self.clock())
 
     def position(self, job: Job) -> int | None:
         return self.queue.position(job.id)
@@ -241,6 +251,7 @@ class JobService:
         if not job.cancel_requested:
             job.cancel_requested = True
             job.add_log("Cancellation requested; stopping at the next step", "WARN", self.clock())
+            self.store.save(job)  # durable before the 202
             job.notify()
             log.info("request %s cancellation requested while running", job.id)
 

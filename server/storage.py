@@ -160,6 +160,8 @@ def storage_router(
         path = files.upload_path(token)
         if row is None or path is None or row.size is None or name != row.file_name or not path.is_file():
             raise NotFound("no such file")
+        if row.expires_at <= clock():
+            raise NotFound("no such file (expired)")
         return FileResponse(path, media_type=row.content_type, headers={"X-Content-Type-Options": "nosniff"})
 
     return router

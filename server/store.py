@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     http_status INTEGER NOT NULL,
     logs TEXT NOT NULL,
     inference_time REAL,
-    files TEXT NOT NULL
+    files TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (state, priority, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
@@ -104,6 +105,7 @@ _COLUMNS = [
     "logs",
     "inference_time",
     "files",
+    "cancel_requested",
 ]
 
 
@@ -296,6 +298,7 @@ def _row(job: Job) -> dict[str, Any]:
     values = {c: getattr(job, c) for c in _COLUMNS}
     values["state"] = job.state.value
     values["sync"] = int(job.sync)
+    values["cancel_requested"] = int(job.cancel_requested)
     for name in _JSON_FIELDS:
         value = values[name]
         values[name] = None if value is None else json.dumps(value)
@@ -309,4 +312,5 @@ def _job(row: tuple) -> Job:
             values[name] = json.loads(values[name])
     values["state"] = JobState(values["state"])
     values["sync"] = bool(values["sync"])
+    values["cancel_requested"] = bool(values["cancel_requested"])
     return Job(**values)

@@ -321,6 +321,7 @@ def test_every_error_is_json_with_an_error_type(make_server) -> None:
             ("GET", f"/files/{done}/9.jpeg", {}, 404),
             ("GET", "/files/%2E%2E/jobs.sqlite3", {}, 404),
             ("POST", "/api/fal/proxy", {"json": {}}, 400),
+            ("GET", "/no/such/route", {}, 404),
         ]
         for method, url, kwargs, code in cases:
             response = client.request(method, url, **kwargs)
@@ -328,6 +329,8 @@ def test_every_error_is_json_with_an_error_type(make_server) -> None:
             assert response.headers["content-type"] == "application/json", (method, url)
             assert response.headers.get("x-fal-error-type"), (method, url)
             assert "detail" in response.json(), (method, url)
+            if code != 422:  # the JS clients show body.message as the error text
+                assert response.json()["message"], (method, url)
 
 
 def test_json_content_type_on_bodiless_requests_is_accepted(make_server) -> None:
