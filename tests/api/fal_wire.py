@@ -79,8 +79,7 @@ def status(
 ) -> httpx.Response:
     """GET the status; checks the code against the state (202 pending, 200 completed) and the body."""
     params = {"logs": logs} if logs is not None else None
-    url = f"/queue/{endpoint(app_id)}/requests/{request_id}/status"
-    response = client.get(url, params=params, headers=headers)
+    response = client.get(request_url("", app_id, request_id, "/status"), params=params, headers=headers)
     assert response.status_code in (200, 202), response.text
     body = response.json()
     check_status_body(body)

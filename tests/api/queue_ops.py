@@ -1,48 +1,35 @@
-"""Queue helpers for the durability and webhook tests: inputs, submit, polling, results."""
+"""Queue helpers for the durability and webhook tests: inputs, submit, polling, results.
+
+Inputs and URLs come from :mod:`tests.api.fal_wire`. Submit and polling stay separate: fal_wire's check
+the wire format of every answer, which these tests leave to the protocol tests (they check states and outcomes).
+"""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import functools
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import httpx
 
-from tests.helpers import box_mask, noise_image, png
+from tests.api import fal_wire
 
-APP = "fal-ai/fast-lightning-sdxl/inpainting"
-ENDPOINT = "fal-ai/fast-lightning-sdxl"
-SMALL = {"width": 64, "height": 48}
+APP = fal_wire.LIGHTNING
+ENDPOINT = fal_wire.endpoint(APP)
 BIG = {"width": 640, "height": 640}  # 1.5-3 s on one CPU thread with the tiny models: time to kill it mid-run
 
 
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-@functools.cache
-def _uris() -> tuple[str, str]:
-    return data_uri(png(noise_image(64, 48, seed=5))), data_uri(png(box_mask(64, 48)))
-
-
 def inpaint_input(**overrides: Any) -> dict[str, Any]:
-    """A small valid PNG-output input; keyword arguments replace fields."""
-    image, mask = _uris()
-    body: dict[str, Any] = {
-        "image_url": image,
-        "mask_url": mask,
-        "prompt": "a lighthouse",
-        "image_size": dict(SMALL),
-        "format": "png",
-    }
-    return body | overrides
+    """fal_wire's small input with PNG output: lossless, so tests can compare result images byte for byte."""
+    return fal_wire.inpaint_input(**({"format": "png"} | overrides))
 
 
 def submit(client: httpx.Client, webhook: str | None = None, **overrides: Any) -> str:
-    """Queue a request; returns its id once the server acknowledged it."""
+    """Queue a request; returns its id once the server acknowledged it.
+
+    Unlike ``fal_wire.submit`` it takes a webhook and does not check the response headers.
+    """
     params = {"fal_webhook": webhook} if webhook else None
     response = client.post(f"/queue/{APP}", json=inpaint_input(**overrides), params=params)
     assert response.status_code == 200, response.text
@@ -50,15 +37,17 @@ def submit(client: httpx.Client, webhook: str | None = None, **overrides: Any) -
 
 
 def requests_url(request_id: str, suffix: str = "") -> str:
-    return f"/queue/{ENDPOINT}/requests/{request_id}{suffix}"
+    return fal_wire.request_url("", APP, request_id, suffix)
 
 
 def status(client: httpx.Client, request_id: str) -> dict[str, Any]:
+    """The status body with logs; unlike ``fal_wire.status`` it does not check the wire format of each poll."""
     response = client.get(requests_url(request_id, "/status"), params={"logs": "1"})
     assert response.status_code in (200, 202), response.text
     return response.json()
 
 
+# Not fal_wire.wait_for: that polls through fal_wire.status, adding its wire-format checks.
 def wait_status(client: httpx.Client, request_id: str, wanted: str, timeout: float = 60.0) -> dict[str, Any]:
     """Poll until the request shows ``wanted`` (IN_PROGRESS or COMPLETED); fail on COMPLETED when not wanted."""
     deadline = time.monotonic() + timeout
@@ -110,13 +99,3 @@ def last_start(body: dict[str, Any]) -> dt.datetime:
     starts = [entry["timestamp"] for entry in body["logs"] if entry["message"].startswith("Starting inference")]
     assert starts, body["logs"]
     return dt.datetime.fromisoformat(starts[-1])
-
-
-class ManualClock:
-    """An injectable clock (``create_app(clock=...)``) that moves only when a test sets ``now``."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now

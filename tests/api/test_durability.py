@@ -24,11 +24,11 @@ from pipelines.tiny import tiny_cache_dir
 from server.jobs import Job, JobState
 from server.schemas import input_model
 from server.store import JobStore
+from tests.api.fal_wire import FakeClock
 from tests.api.queue_ops import (
     APP,
     BIG,
     ENDPOINT,
-    ManualClock,
     image_bytes,
     inpaint_input,
     last_start,
@@ -39,8 +39,8 @@ from tests.api.queue_ops import (
     wait_all_completed,
     wait_status,
 )
-from tests.api.webhook_receiver import HANG, WebhookReceiver
 from tests.live import ServerProcess
+from tests.webhook_receiver import HANG, WebhookReceiver
 
 # One request at a time on the lane, so the order jobs start in is the queue order. Only the variant the
 # tests use, to start fast. One torch thread: a server next to the test process on a small, busy
@@ -348,7 +348,7 @@ def test_results_files_and_uploads_are_collected_after_retention_and_not_before(
     make_server: Callable[..., Any],
 ) -> None:
     """R13: a result lives ``result_retention_s`` after completion; then status, result and files are 404."""
-    clock = ManualClock(1_700_000_000.0)
+    clock = FakeClock(1_700_000_000.0)
     server = make_server(clock=clock, result_retention_s=3600)
     service = server.app.state.service
     with httpx.Client(base_url=server.url, timeout=30) as client:

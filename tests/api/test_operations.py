@@ -194,3 +194,23 @@ def test_status_stream_without_logs_and_of_a_finished_request(make_server) -> No
             events = [e for e in sse_events(stream) if e is not None]
         assert [e["status"] for e in events] == ["COMPLETED"]
         assert events[0]["metrics"]["inference_time"] > 0
+
+
+def test_one_log_line_per_state_change_carries_the_request_id(make_server, caplog) -> None:
+    """Operators grep logs by request id: queued, running and the terminal state each log one line."""
+    server = make_server()
+    caplog.set_level("INFO", logger="inpaint-server.jobs")
+    with client_for(server) as client:
+        done = submit(client, LIGHTNING)["request_id"]
+        wait_for(client, LIGHTNING, done)
+        bad = submit(client, LIGHTNING, mask_url="data:image/png;base64,AAAA")["request_id"]
+        wait_for(client, LIGHTNING, bad)
+    lines = [r.getMessage() for r in caplog.records if r.name == "inpaint-server.jobs"]
+    # A request whose image cannot be decoded fails before it reaches the GPU: no "running" line.
+    for request_id, states, final in (
+        (done, ["queued", "running", "succeeded"], "succeeded"),
+        (bad, ["queued", "failed"], "failed (invalid_input: mask_url"),
+    ):
+        mine = [line for line in lines if request_id in line]
+        assert [line.split(request_id, 1)[1].split()[0] for line in mine] == states
+        assert final in mine[-1]

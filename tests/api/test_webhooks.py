@@ -17,17 +17,16 @@ import pytest
 
 from server.auth import owner_id
 from server.webhooks import verify_signature
+from tests.api.fal_wire import FakeClock, data_uri
 from tests.api.queue_ops import (
-    ManualClock,
-    data_uri,
     requests_url,
     result,
     submit,
     wait_all_completed,
     wait_status,
 )
-from tests.api.webhook_receiver import HANG, Delivery, WebhookReceiver
 from tests.live import GatedEngine
+from tests.webhook_receiver import HANG, Delivery, WebhookReceiver
 
 FAST_RETRIES = {"webhook_retry_base_s": 0.1, "webhook_retry_max_s": 1.0}
 
@@ -219,7 +218,7 @@ def test_pending_webhook_survives_a_restart_and_is_delivered_after_it(
     """A webhook whose first attempt failed is retried by the next process on the same data dir."""
     receiver = receivers(script=(500,))
     data_dir = tmp_path / "restart"
-    clock = ManualClock(time.time() - 3600)  # never moves: this process's retry never falls due
+    clock = FakeClock(time.time() - 3600)  # never moves: this process's retry never falls due
     first = make_server(data_dir=data_dir, clock=clock, webhook_retry_base_s=60)
     with httpx.Client(base_url=first.url, timeout=30) as client:
         request_id = submit(client, webhook=receiver.url, seed=5)

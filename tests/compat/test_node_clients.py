@@ -20,7 +20,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from PIL import Image
 
 from tests.helpers import box_mask, noise_image, png
 from tests.live import GatedEngine
+from tests.webhook_receiver import WebhookReceiver
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 NODE = shutil.which("node")
@@ -62,48 +62,6 @@ def pngs(tmp_path: Path) -> dict[str, Path]:
     image.write_bytes(png(noise_image(64, 48)))
     mask.write_bytes(png(box_mask(64, 48)))
     return {"image": image, "mask": mask}
-
-
-class WebhookReceiver:
-    """A plain HTTP server on a thread that records every POST (path, headers, JSON body)."""
-
-    def __init__(self) -> None:
-        self.posts: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-                with receiver._lock:
-                    receiver.posts.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(raw)})
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def to(self, path: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [p for p in self.posts if p["path"] == path]
-
-    def wait(self, path: str, timeout: float = 10.0) -> list[dict[str, Any]]:
-        """The POSTs to ``path`` once at least one arrived, plus a grace period for duplicates."""
-        deadline = time.monotonic() + timeout
-        while not self.to(path) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.3)
-        return self.to(path)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -196,10 +154,10 @@ def check_scenario(obs: dict[str, Any], base: str, hooks: WebhookReceiver, with_
         assert error["requestId"] == held
     again = failed(cancel["cancelAgain"], "second cancel")
     assert again["status"] == 400 and again["body"]["status"] == "ALREADY_COMPLETED"
-    [cancelled_hook] = hooks.wait("/cancelled")
-    assert cancelled_hook["body"]["request_id"] == held
-    assert cancelled_hook["body"]["status"] == "ERROR"
-    assert cancelled_hook["body"]["error"] == "Invalid status code: 499"
+    [cancelled_hook] = hooks.wait_for(1, timeout=10, path="/cancelled", grace=0.3)
+    assert cancelled_hook.json()["request_id"] == held
+    assert cancelled_hook.json()["status"] == "ERROR"
+    assert cancelled_hook.json()["error"] == "Invalid status code: 499"
 
     # ---- sync run with Blob inputs
     run = ok(obs["run"], "run")
@@ -237,10 +195,10 @@ def check_scenario(obs: dict[str, Any], base: str, hooks: WebhookReceiver, with_
     check_output(queue["data"], base)
     if with_request_ids:
         assert queue["requestId"] == rid
-    [hook] = hooks.wait("/ok")
-    assert hook["body"]["status"] == "OK" and hook["body"]["request_id"] == rid
-    assert hook["body"]["payload"]["images"][0]["url"] == queue["data"]["images"][0]["url"]
-    assert hook["headers"]["Content-Type"] == "application/json"
+    [hook] = hooks.wait_for(1, timeout=10, path="/ok", grace=0.3)
+    assert hook.json()["status"] == "OK" and hook.json()["request_id"] == rid
+    assert hook.json()["payload"]["images"][0]["url"] == queue["data"]["images"][0]["url"]
+    assert hook.headers["Content-Type"] == "application/json"
 
     # ---- 422s
     invalid = failed(obs["invalidRun"], "run with strength 5")
@@ -262,7 +220,7 @@ def check_scenario(obs: dict[str, Any], base: str, hooks: WebhookReceiver, with_
         assert late["requestId"] == fetch_error["id"]
 
     # Every webhook went where it was asked to, once.
-    assert sorted(p["path"] for p in hooks.posts) == ["/cancelled", "/ok"]
+    assert sorted(d.path for d in hooks.deliveries) == ["/cancelled", "/ok"]
 
 
 def uploads(calls: list[dict[str, Any]], base: str) -> list[dict[str, Any]]:
@@ -313,7 +271,7 @@ def test_fal_client(transport, node_modules, make_server, engine, pngs, hooks) -
         obs = run_node(
             "client.mjs",
             f"--base={server.url}",
-            f"--hook={hooks.url}",
+            f"--hook={hooks.base_url}",
             f"--image={pngs['image']}",
             f"--mask={pngs['mask']}",
             f"--transport={transport}",
@@ -352,7 +310,7 @@ def test_serverless_client(node_modules, make_server, engine, pngs, hooks) -> No
         obs = run_node(
             "serverless.mjs",
             f"--base={server.url}",
-            f"--hook={hooks.url}",
+            f"--hook={hooks.base_url}",
             f"--image={pngs['image']}",
             f"--mask={pngs['mask']}",
         )

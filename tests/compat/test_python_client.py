@@ -26,7 +26,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from tests.compat import python_scenarios as sc
 from tests.compat.certs import make_tls_files
 from tests.helpers import box_mask, noise_image, png
 from tests.live import LiveServer
+from tests.webhook_receiver import WebhookReceiver
 
 KEY = "secret"
 PROMPT = "a lighthouse on a cliff"
@@ -108,45 +108,6 @@ class SeedGate:
                     time.sleep(0.01)
 
         return self.engine.run(requests, should_stop, progress)
-
-
-class WebhookReceiver:
-    """An HTTP endpoint on a thread that records every POST."""
-
-    def __init__(self) -> None:
-        self.posts: list[tuple[dict[str, str], bytes]] = []
-        self._changed = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                with receiver._changed:
-                    receiver.posts.append((dict(self.headers), body))
-                    receiver._changed.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/hooks/fal"
-
-    def wait(self, count: int, timeout: float = 30.0) -> list[tuple[dict[str, str], bytes]]:
-        with self._changed:
-            self._changed.wait_for(lambda: len(self.posts) >= count, timeout)
-            return list(self.posts)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @pytest.fixture
@@ -305,19 +266,19 @@ def check_validation(data: dict[str, Any]) -> None:
 
 def check_webhook(data: dict[str, Any], receiver: WebhookReceiver, server_url: str, verify: Verify) -> None:
     check_output(data["result"], sc.SEED_WEBHOOK, server_url, verify)
-    posts = receiver.wait(1)
-    assert len(posts) == 1, posts
-    [(headers, raw)] = posts
-    body = json.loads(raw)
+    deliveries = receiver.wait_for(1)
+    assert len(deliveries) == 1, deliveries
+    [delivery] = deliveries
+    body = delivery.json()
     assert body["status"] == "OK" and "error" not in body
     assert body["request_id"] == body["gateway_request_id"] == data["request_id"]
     assert body["payload"] == data["result"]
     assert body["payload"]["images"][0]["width"] == 64
     jwks = httpx.get(f"{server_url}/.well-known/jwks.json", verify=verify).json()
-    assert verify_signature(jwks, headers, raw)
+    assert verify_signature(jwks, delivery.headers, delivery.body)
     # The server has recorded the delivery as done, so no second POST is coming.
     wait_for_metric(server_url, verify, 'inpaint_webhook_attempts_total{outcome="delivered"}', 1.0)
-    assert len(receiver.posts) == 1
+    assert len(receiver.deliveries) == 1
 
 
 def wait_for_metric(server_url: str, verify: Verify, series: str, value: float, timeout: float = 10.0) -> None:

@@ -1,4 +1,7 @@
-"""A webhook receiver for tests: a real HTTP server that records each delivery and answers from a script."""
+"""A webhook receiver for tests: a real HTTP server that records each delivery and answers from a script.
+
+Shared by the API tests (``tests/api``) and the contract tests with the real fal clients (``tests/compat``).
+"""
 
 from __future__ import annotations
 
@@ -76,20 +79,39 @@ class WebhookReceiver:
         self._thread.start()
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+    def base_url(self) -> str:
+        """The receiver's root: any path under it is recorded (``Delivery.path``)."""
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def wait_for(self, count: int, timeout: float = 30.0, answered: bool = False) -> list[Delivery]:
-        """Block until ``count`` deliveries arrived (``answered``: ``count`` of them were answered); return all."""
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/hook"
+
+    def wait_for(
+        self, count: int, timeout: float = 30.0, answered: bool = False, path: str | None = None, grace: float = 0.0
+    ) -> list[Delivery]:
+        """Block until ``count`` deliveries arrived (``answered``: ``count`` of them were answered); return all.
+
+        ``path``: count and return only the deliveries to that path. ``grace``: then wait that many seconds
+        more, so that a duplicate delivery would be among those returned.
+        """
+
+        def mine() -> list[Delivery]:
+            return [d for d in self.deliveries if path is None or d.path == path]
 
         def ready() -> bool:
-            got = self.deliveries if not answered else [d for d in self.deliveries if d.status is not None]
+            got = mine() if not answered else [d for d in mine() if d.status is not None]
             return len(got) >= count
 
         with self._cond:
             if not self._cond.wait_for(ready, timeout):
-                raise AssertionError(f"expected {count} webhook deliveries within {timeout} s, got {self.deliveries}")
-            return list(self.deliveries)
+                where = "" if path is None else f" to {path}"
+                raise AssertionError(
+                    f"expected {count} webhook deliveries{where} within {timeout} s, got {self.deliveries}"
+                )
+        time.sleep(grace)
+        with self._cond:
+            return mine()
 
     def for_request(self, request_id: str) -> list[Delivery]:
         with self._cond:
