@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,9 @@ class Engine:
         self.safety_checker = safety_checker
         self.expander = expander
         self.work_pixels = spec.engine.work_pixels
+        # prepare() (any thread) reads the tokenizers' vocabularies while run() may be adding an
+        # embedding's tokens to them; both hold this lock for that part.
+        self._vocab_lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
 
@@ -181,7 +185,8 @@ class Engine:
             embedding = parse_embedding(
                 request.embeddings[0], text.text_encoder.config.hidden_size, text.text_encoder_2.config.hidden_size
             )
-            check_tokens_free(embedding, (text.tokenizer, text.tokenizer_2))
+            with self._vocab_lock:
+                check_tokens_free(embedding, (text.tokenizer, text.tokenizer_2))
         image = imgs.to_rgb(imgs.open_image(request.image, "image_url"))
         mask = imgs.to_mask(imgs.open_image(request.mask, "mask_url"))
         fitted = imgs.fit(image, mask, request.image_size, self.work_pixels)
@@ -273,7 +278,7 @@ class Engine:
         per_image_prompts = [
             prompt for p, prompt in zip(group, prompts, strict=True) for _ in range(p.request.num_images)
         ]
-        with textual_inversion(pipe, group[0].embedding if len(group) == 1 else None):
+        with self._vocab_lock, textual_inversion(pipe, group[0].embedding if len(group) == 1 else None):
             embeds, pooled = pipe.encode_prompts(per_image_prompts)
         _sync(device)
         timings["text_encoding"] = time.perf_counter() - clock

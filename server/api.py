@@ -12,6 +12,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
@@ -61,6 +62,16 @@ def _start_timeout(request: Request) -> float | None:
     if not math.isfinite(seconds) or seconds <= 0:
         raise BadRequest(f"X-Fal-Request-Timeout must be a positive number of seconds, not {value!r}")
     return seconds
+
+
+def _check_webhook_url(url: str) -> None:
+    try:
+        parsed = httpx.URL(url)
+        valid = parsed.scheme in ("http", "https") and bool(parsed.host) and (parsed.port or 80) <= 65535
+    except (httpx.InvalidURL, ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise BadRequest(f"fal_webhook must be an absolute http(s) URL, not {url!r}")
 
 
 def result_response(service: JobService, job: Job) -> JSONResponse:
@@ -162,7 +173,11 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
                 if not job.state.is_terminal():
                     service.cancel(job)
                 break
-        return result_response(service, job) if job.state.is_terminal() else JSONResponse({}, status_code=499)
+        if not job.state.is_terminal():
+            return JSONResponse({}, status_code=499)  # the caller has gone
+        response = result_response(service, job)
+        service.release_inline(job.id)  # a sync run's data URIs go to its caller only
+        return response
 
     async def submit(
         request: Request,
@@ -170,8 +185,8 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         fal_webhook: str | None = Query(None, description="URL to POST the result to when the request completes."),
         owner: str = Depends(owner_of),
     ) -> JSONResponse:
-        if fal_webhook is not None and not fal_webhook.startswith(("http://", "https://")):
-            raise BadRequest("fal_webhook must be an http(s) URL")
+        if fal_webhook is not None:
+            _check_webhook_url(fal_webhook)
         job = submit_job(request, app, payload, owner, False, fal_webhook)
         service: JobService = request.app.state.service
         body = {

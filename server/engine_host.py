@@ -35,8 +35,9 @@ class EngineHost:
         self._thread.start()
 
     async def wait_ready(self) -> Any:
+        """The engine once loaded; None if loading failed (``state`` is then ``failed``)."""
         await self._ready.wait()
-        return self.engine
+        return self.engine if self.ready else None
 
     def _load(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -53,6 +54,7 @@ class EngineHost:
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("engine failed to load")
+            loop.call_soon_threadsafe(self._ready.set)  # wake waiters: they check ``ready`` and fail jobs
 
 
 def warm_up(engine: Any) -> None:

@@ -24,6 +24,7 @@ STATUS_FOR_ERROR_TYPE = {
     "interrupted": 500,
     "nonfinite_output": 500,
     "engine_error": 500,
+    "engine_unavailable": 500,
     "model_file_error": 500,
     "config_error": 500,
     "internal_error": 500,
@@ -84,6 +85,13 @@ class ValidationFailed(ApiError):
 
     def body(self) -> dict[str, Any]:
         return {"detail": self.detail}
+
+
+class EngineUnavailable(ApiError):
+    """The models failed to load. 500, not 503: retrying cannot help until an operator fixes the server."""
+
+    status = 500
+    error_type = "engine_unavailable"
 
 
 class AlreadyCompleted(ApiError):

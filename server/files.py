@@ -6,6 +6,7 @@ against a strict pattern before it touches the file system, so no user text beco
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -41,7 +42,10 @@ class FileStore:
             raise ValueError(f"bad result file name {request_id}/{name}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".part")
-        tmp.write_bytes(data)
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # durable before the job row that names it is committed
         tmp.replace(path)
         return path
 

@@ -18,6 +18,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 PROXY_PATHS = ("/api/fal/proxy", "/api/fal/proxy/")
 TARGET_HEADER = b"x-fal-target-url"
 QUEUE_PREFIX_KEY = "inpaint.queue_prefix"
+# Served as they are on every host (a queue host's file URLs, health checks...).
+NOT_QUEUE_PATHS = (
+    "/files/",
+    "/uploads/",
+    "/storage/",
+    "/health/",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+    "/.well-known/",
+)
 REST_HOSTS = ("rest.fal.ai", "rest.alpha.fal.ai")
 REST_PATHS = ("/storage/",)  # like fal's own proxy, only the storage API of the REST hosts
 _TARGETS = {"fal.run": "", "queue.fal.run": "/queue", "rest.fal.ai": "", "rest.alpha.fal.ai": ""}
@@ -58,7 +69,7 @@ class FalRouting:
             scope = {**scope, "path": path[len("/rest") :], "raw_path": path[len("/rest") :].encode()}
         else:
             host = headers.get(b"host", b"").decode("latin-1").lower()
-            if host.startswith("queue.") and not path.startswith("/queue/"):
+            if host.startswith("queue.") and not path.startswith(("/queue/", *NOT_QUEUE_PATHS)):
                 scope = {**scope, "path": "/queue" + path, "raw_path": ("/queue" + path).encode(), QUEUE_PREFIX_KEY: ""}
         await self.app(scope, receive, send)
 

@@ -29,7 +29,7 @@ from pipelines.encode import CONTENT_TYPES, encode_image
 from pipelines.errors import EngineError, InputError, RequestCancelled
 
 from .engine_host import EngineHost
-from .errors import AlreadyCompleted, NotFound, job_error
+from .errors import AlreadyCompleted, EngineUnavailable, NotFound, job_error
 from .files import FileStore
 from .inputs import InputFetcher, InputFetchError
 from .jobs import Job, JobState
@@ -42,6 +42,7 @@ from .webhooks import WebhookSender, webhook_body
 log = logging.getLogger("inpaint-server.jobs")
 
 TERMINAL_CACHE = 5000  # finished jobs kept in memory for fast status polls
+INLINE_BUDGET = 256 * 1024 * 1024  # bytes of sync_mode results (data URIs) held in memory at most
 
 
 @dataclass
@@ -105,7 +106,9 @@ class JobService:
         self.queue = JobQueue()
         self.active: dict[str, Job] = {}  # queued and running
         self.finished: OrderedDict[str, Job] = OrderedDict()
-        self.inline_results: dict[str, dict[str, Any]] = {}  # sync_mode results, never written to disk
+        # sync_mode results (data URIs): in memory only, never on disk, oldest dropped past INLINE_BUDGET.
+        self.inline_results: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
+        self._inline_bytes = 0
         self._prep: dict[str, asyncio.Task[_Prepared]] = {}
         self._queue_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -177,6 +180,8 @@ class JobService:
         sync: bool = False,
     ) -> Job:
         """Create a job; it is durable when this returns."""
+        if self.host.state == "failed":
+            raise EngineUnavailable(self._unavailable())
         now = self.clock()
         seed = payload.get("seed")
         if seed is None:
@@ -210,6 +215,9 @@ class JobService:
         log.info("request %s queued for %s (priority %d)", job.id, app_id, priority)
         return job
 
+    def _unavailable(self) -> str:
+        return f"the models failed to load ({self.host.error}); see the server log and /health/ready"
+
     def get(self, job_id: str, owner: str, endpoint: str | None = None) -> Job:
         """The job if it exists and belongs to ``owner`` (and ``endpoint`` when given); else NotFound."""
         job = self.active.get(job_id) or self.finished.get(job_id)
@@ -234,7 +242,23 @@ class JobService:
     def result_of(self, job: Job) -> dict[str, Any] | None:
         if job.result is not None:
             return job.result
-        return self.inline_results.get(job.id)
+        held = self.inline_results.get(job.id)
+        return None if held is None else held[1]
+
+    def release_inline(self, job_id: str) -> None:
+        """Forget a sync_mode result (a sync run has returned it to its caller, or it expired)."""
+        held = self.inline_results.pop(job_id, None)
+        if held is not None:
+            self._inline_bytes -= held[0]
+
+    def _hold_inline(self, job: Job, output: dict[str, Any]) -> None:
+        size = sum(len(image["url"]) for image in output["images"])
+        self.inline_results[job.id] = (size, output)
+        self._inline_bytes += size
+        while self._inline_bytes > INLINE_BUDGET and len(self.inline_results) > 1:
+            old_id, (old_size, _) = self.inline_results.popitem(last=False)
+            self._inline_bytes -= old_size
+            log.info("request %s: inline (sync_mode) result dropped from memory to stay under budget", old_id)
 
     def cancel(self, job: Job) -> None:
         """Cancel a queued job (it never runs) or ask a running one to stop at its next step."""
@@ -270,6 +294,13 @@ class JobService:
 
     async def _worker(self) -> None:
         engine = await self.host.wait_ready()
+        if engine is None:  # the models did not load: say so to every waiting request, now and later
+            while True:
+                for job_id in self.queue.head(len(self.queue)):
+                    self.queue.remove(job_id)
+                    self._finish_now(self.active[job_id], "engine_unavailable", self._unavailable())
+                self._queue_changed.clear()
+                await self._queue_changed.wait()
         while True:
             try:
                 await self._run_next(engine)
@@ -400,6 +431,7 @@ class JobService:
             fetched = time.perf_counter()
             prepared = await asyncio.to_thread(engine.prepare, request)
             prepared.timings["fetch"] = fetched - started
+            _slim_input(job)
             return _Prepared(prepared=prepared, key=engine.batch_key(prepared))
         except InputFetchError as exc:
             return _Prepared(error=("input_fetch_error", exc.message, exc.field))
@@ -465,7 +497,7 @@ class JobService:
         now = self.clock()
         job.inference_time = timings.get("inference")
         if job.sync_mode:
-            self.inline_results[job.id] = output  # kept in memory only, never on disk
+            self._hold_inline(job, output)
         else:
             job.result = output
         for stage, seconds in timings.items():
@@ -486,6 +518,7 @@ class JobService:
         self._terminal(job, state, status, body, now)
 
     def _terminal(self, job: Job, state: JobState, status: int, payload: dict[str, Any], now: float) -> None:
+        _slim_input(job)
         job.state = state
         job.http_status = status
         job.finished_at = now
@@ -510,7 +543,7 @@ class JobService:
         self.finished.move_to_end(job.id)
         while len(self.finished) > TERMINAL_CACHE:
             old_id, _ = self.finished.popitem(last=False)
-            self.inline_results.pop(old_id, None)
+            self.release_inline(old_id)
 
     # ------------------------------------------------------------------ clocks and housekeeping
 
@@ -553,7 +586,7 @@ class JobService:
             for job in expired:
                 self.files.delete_results(job.id)
                 self.finished.pop(job.id, None)
-                self.inline_results.pop(job.id, None)
+                self.release_inline(job.id)
             self.store.delete([j.id for j in expired])
             removed += len(expired)
         tokens = self.store.expired_uploads(now)
@@ -573,6 +606,26 @@ class JobService:
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.queue))
         self.metrics.in_progress.set(len(self.running))
+
+
+def _slim_input(job: Job) -> None:
+    """Drop inline file data (data URIs, possibly MBs) from a job's in-memory input once it is decoded.
+
+    The store keeps the full input (written once at submit), which is what a re-run after a restart reads.
+    """
+    data = dict(job.input)
+    for key in ("image_url", "mask_url"):
+        value = data.get(key)
+        if isinstance(value, str) and value.startswith("data:"):
+            data[key] = f"<data URI, {len(value)} characters>"
+    embeddings = data.get("embeddings") or []
+    data["embeddings"] = [
+        {**e, "path": f"<data URI, {len(e['path'])} characters>"}
+        if isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"].startswith("data:")
+        else e
+        for e in embeddings
+    ]
+    job.input = data
 
 
 def image_size_of_json(value: Any) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import mimetypes
+import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -25,13 +26,25 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.requests import ClientDisconnect
 
 from .errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from .files import FileStore, safe_name
 from .store import JobStore, UploadRow
 
 TOKEN_TTL_S = 3600
-ALLOWED_UPLOAD_TYPES = ("image/", "application/octet-stream")
+# Raster images (inputs) and octet-stream (textual-inversion safetensors). No SVG or HTML: uploads are
+# served from this origin, and those could carry script.
+ALLOWED_UPLOAD_TYPES = (
+    "image/png",
+    "image/jpeg",
+    "image/webp",
+    "image/gif",
+    "image/bmp",
+    "image/tiff",
+    "application/octet-stream",
+)
+SERVE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
 
 
 class UploadTokens:
@@ -50,10 +63,14 @@ class UploadTokens:
         return f"{payload}.{self._sign(payload)}", expires
 
     def owner(self, token: str, now: float) -> str | None:
+        """The owner a valid, unexpired token was issued to; None for anything else."""
         payload, _, mac = token.partition(".")
-        if not mac or not hmac.compare_digest(mac, self._sign(payload)):
+        try:
+            if not mac or not hmac.compare_digest(mac.encode(), self._sign(payload).encode()):
+                return None
+            data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (UnicodeEncodeError, ValueError):
             return None
-        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         return data["o"] if data["e"] > now else None
 
     def _sign(self, payload: str) -> str:
@@ -85,24 +102,30 @@ def storage_router(
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise PayloadTooLarge(f"uploads are limited to {max_bytes} bytes")
         size = 0
-        tmp = path.with_suffix(".part")
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.part")
         try:
             with tmp.open("wb") as fh:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise PayloadTooLarge(f"uploads are limited to {max_bytes} bytes")
-                    fh.write(chunk)
+                try:
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise PayloadTooLarge(f"uploads are limited to {max_bytes} bytes")
+                        fh.write(chunk)
+                except ClientDisconnect:
+                    raise BadRequest("the client disconnected before the upload finished") from None
+                fh.flush()
+                os.fsync(fh.fileno())
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
         return size
 
-    def content_type_of(value: str | None) -> str:
-        value = (value or "application/octet-stream").split(";")[0].strip().lower()
-        if not value.startswith(ALLOWED_UPLOAD_TYPES):
-            raise BadRequest(f"only images can be uploaded here, not {value!r}")
-        return value
+    def content_type_of(value: object) -> str:
+        text = (value if isinstance(value, str) and value else "application/octet-stream").split(";")[0]
+        text = text.strip().lower()
+        if text not in ALLOWED_UPLOAD_TYPES:
+            raise BadRequest(f"uploads must be one of {', '.join(ALLOWED_UPLOAD_TYPES)}, not {text!r}")
+        return text
 
     @router.post("/storage/upload/initiate")
     async def initiate(request: Request, owner: str = Depends(owner_of)) -> dict[str, str]:
@@ -124,9 +147,13 @@ def storage_router(
         path = files.upload_path(token)
         if row is None or path is None or name != row.file_name or row.expires_at <= clock():
             raise NotFound("no such upload")
-        if row.size is not None:
+        if not store.claim_upload(token):  # one PUT per upload URL, even when two race
             raise BadRequest("this upload URL has already been used")
-        size = await receive_body(request, path)
+        try:
+            size = await receive_body(request, path)
+        except BaseException:
+            store.release_upload(token)  # a failed PUT may be retried
+            raise
         store.set_upload_size(token, size)
         return {"file_url": str(request.url), "size": size}
 
@@ -158,10 +185,11 @@ def storage_router(
     async def get_upload(token: str, name: str) -> FileResponse:
         row = store.get_upload(token)
         path = files.upload_path(token)
-        if row is None or path is None or row.size is None or name != row.file_name or not path.is_file():
+        complete = row is not None and row.size is not None and row.size >= 0
+        if not complete or path is None or name != row.file_name or not path.is_file():
             raise NotFound("no such file")
         if row.expires_at <= clock():
             raise NotFound("no such file (expired)")
-        return FileResponse(path, media_type=row.content_type, headers={"X-Content-Type-Options": "nosniff"})
+        return FileResponse(path, media_type=row.content_type, headers=SERVE_HEADERS)
 
     return router

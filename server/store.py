@@ -177,7 +177,7 @@ class JobStore:
     def save(self, job: Job, webhook: WebhookRow | None = None) -> None:
         """Write every field of ``job`` (and queue its webhook in the same transaction)."""
         values = _row(job)
-        cols = [c for c in _COLUMNS if c != "id"]
+        cols = [c for c in _COLUMNS if c not in ("id", "input")]  # the input never changes: written once
         with self._tx() as db:
             db.execute(
                 f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
@@ -279,6 +279,16 @@ class JobStore:
                 (token,),
             ).fetchone()
         return UploadRow(*row) if row else None
+
+    def claim_upload(self, token: str) -> bool:
+        """Mark an upload as being written (size -1); False if another PUT has it or it is done."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE uploads SET size = -1 WHERE token = ? AND size IS NULL", (token,))
+            return cur.rowcount == 1
+
+    def release_upload(self, token: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE uploads SET size = NULL WHERE token = ? AND size = -1", (token,))
 
     def set_upload_size(self, token: str, size: int) -> None:
         with self._tx() as db:

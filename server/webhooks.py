@@ -183,7 +183,7 @@ class WebhookSender:
                     response = await self._client.post(row.url, content=row.body, headers=headers)
                     if not 200 <= response.status_code < 300:
                         error = f"HTTP {response.status_code}"
-                except httpx.HTTPError as exc:
+                except Exception as exc:  # any failure is a failed attempt (bad URL too), never a tight retry loop
                     error = f"{type(exc).__name__}: {exc}"
             if error is None:
                 self.store.webhook_attempted(row.request_id, attempt, "delivered", self.clock(), None)

@@ -20,6 +20,7 @@ from tests.api.fal_wire import (
     gated_server,
     gauge,
     hold_one,
+    inpaint_input,
     metric_samples,
     poll_until,
     sse_events,
@@ -88,6 +89,12 @@ def test_ready_stays_503_with_the_reason_when_loading_fails(tmp_path: Path) -> N
             assert ready.status_code == 503
             assert "unet.safetensors is missing" in ready.json()["detail"]
             assert client.get("/health/live").status_code == 200
+            # No request waits forever on models that will never load: a clear 500, not a retryable 503.
+            refused = client.post(f"/queue/{LIGHTNING}", json=inpaint_input())
+            assert refused.status_code == 500, refused.text
+            assert refused.json()["error_type"] == "engine_unavailable"
+            assert "unet.safetensors is missing" in refused.json()["detail"]
+            assert client.post(f"/{HYPER}", json=inpaint_input()).status_code == 500
     finally:
         live.server.should_exit = True
         thread.join(30)
@@ -214,3 +221,25 @@ def test_one_log_line_per_state_change_carries_the_request_id(make_server, caplo
         mine = [line for line in lines if request_id in line]
         assert [line.split(request_id, 1)[1].split()[0] for line in mine] == states
         assert final in mine[-1]
+
+
+def test_jobs_queued_while_loading_fail_when_the_load_fails(tmp_path: Path) -> None:
+    """Accepted while the models load, then the load fails: the job ends COMPLETED with the reason."""
+    go = threading.Event()
+
+    def loader() -> Any:
+        assert go.wait(30)
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    app = create_app(load_settings({"data_dir": tmp_path / "data", "warmup": False}), engine_loader=loader)
+    live, thread = _serve_without_waiting(app)
+    try:
+        with client_for(live) as client:
+            rid = submit(client)["request_id"]
+            go.set()
+            body = wait_for(client, LIGHTNING, rid)
+            assert body["error_type"] == "engine_unavailable" and "no kernel image" in body["error"]
+            assert client.get(f"/queue/{endpoint(LIGHTNING)}/requests/{rid}").status_code == 500
+    finally:
+        live.server.should_exit = True
+        thread.join(30)
