@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from .files import FileStore
+from .jobs import Job
+from .schemas import image_size_of
 from .sources import SourceError, read_data_uri
 
 
@@ -89,3 +92,30 @@ def _read_capped(path: Path, max_bytes: int, field: str) -> bytes:
     if path.stat().st_size > max_bytes:
         raise InputFetchError(field, f"the file is larger than {max_bytes} bytes")
     return path.read_bytes()
+
+
+def slim_input(job: Job) -> None:
+    """Drop inline file data (data URIs, possibly MBs) from a job's in-memory input once it is decoded.
+
+    The store keeps the full input (written once at submit), which is what a re-run after a restart reads.
+    """
+    data = dict(job.input)
+    for key in ("image_url", "mask_url"):
+        value = data.get(key)
+        if isinstance(value, str) and value.startswith("data:"):
+            data[key] = f"<data URI, {len(value)} characters>"
+    embeddings = data.get("embeddings") or []
+    data["embeddings"] = [
+        {**e, "path": f"<data URI, {len(e['path'])} characters>"}
+        if isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"].startswith("data:")
+        else e
+        for e in embeddings
+    ]
+    job.input = data
+
+
+def image_size_of_json(value: Any) -> tuple[int, int]:
+    """``image_size`` as stored (a preset name or ``{"width", "height"}``) -> (width, height)."""
+    if isinstance(value, dict):
+        return int(value["width"]), int(value["height"])
+    return image_size_of(value)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import bisect
 import logging
 import secrets
 import time
@@ -31,10 +30,10 @@ from pipelines.errors import EngineError, InputError, RequestCancelled
 from .engine_host import EngineHost
 from .errors import AlreadyCompleted, EngineUnavailable, NotFound, job_error
 from .files import FileStore
-from .inputs import InputFetcher, InputFetchError
+from .inputs import InputFetcher, InputFetchError, image_size_of_json, slim_input
+from .job_queue import JobQueue
 from .jobs import Job, JobState
 from .metrics import Metrics
-from .schemas import image_size_of
 from .settings import Settings
 from .store import JobStore, WebhookRow
 from .webhooks import WebhookSender, webhook_body
@@ -50,38 +49,6 @@ class _Prepared:
     prepared: Any = None  # the engine's PreparedRequest
     key: Any = None
     error: tuple[str, str, str | None] | None = None  # (error_type, message, field)
-
-
-class JobQueue:
-    """Queued job ids ordered by (priority, arrival). Position = number of jobs ahead."""
-
-    def __init__(self) -> None:
-        self._order: list[tuple[int, int, str]] = []
-        self._keys: dict[str, tuple[int, int, str]] = {}
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def __contains__(self, job_id: str) -> bool:
-        return job_id in self._keys
-
-    def push(self, job: Job) -> None:
-        key = (job.priority, job.seq, job.id)
-        self._keys[job.id] = key
-        bisect.insort(self._order, key)
-
-    def remove(self, job_id: str) -> None:
-        key = self._keys.pop(job_id, None)
-        if key is not None:
-            i = bisect.bisect_left(self._order, key)
-            del self._order[i]
-
-    def position(self, job_id: str) -> int | None:
-        key = self._keys.get(job_id)
-        return None if key is None else bisect.bisect_left(self._order, key)
-
-    def head(self, n: int) -> list[str]:
-        return [k[2] for k in self._order[:n]]
 
 
 class JobService:
@@ -431,7 +398,7 @@ class JobService:
             fetched = time.perf_counter()
             prepared = await asyncio.to_thread(engine.prepare, request)
             prepared.timings["fetch"] = fetched - started
-            _slim_input(job)
+            slim_input(job)
             return _Prepared(prepared=prepared, key=engine.batch_key(prepared))
         except InputFetchError as exc:
             return _Prepared(error=("input_fetch_error", exc.message, exc.field))
@@ -518,7 +485,7 @@ class JobService:
         self._terminal(job, state, status, body, now)
 
     def _terminal(self, job: Job, state: JobState, status: int, payload: dict[str, Any], now: float) -> None:
-        _slim_input(job)
+        slim_input(job)
         job.state = state
         job.http_status = status
         job.finished_at = now
@@ -606,30 +573,3 @@ class JobService:
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.queue))
         self.metrics.in_progress.set(len(self.running))
-
-
-def _slim_input(job: Job) -> None:
-    """Drop inline file data (data URIs, possibly MBs) from a job's in-memory input once it is decoded.
-
-    The store keeps the full input (written once at submit), which is what a re-run after a restart reads.
-    """
-    data = dict(job.input)
-    for key in ("image_url", "mask_url"):
-        value = data.get(key)
-        if isinstance(value, str) and value.startswith("data:"):
-            data[key] = f"<data URI, {len(value)} characters>"
-    embeddings = data.get("embeddings") or []
-    data["embeddings"] = [
-        {**e, "path": f"<data URI, {len(e['path'])} characters>"}
-        if isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"].startswith("data:")
-        else e
-        for e in embeddings
-    ]
-    job.input = data
-
-
-def image_size_of_json(value: Any) -> tuple[int, int]:
-    """``image_size`` as stored (a preset name or ``{"width", "height"}``) -> (width, height)."""
-    if isinstance(value, dict):
-        return int(value["width"]), int(value["height"])
-    return image_size_of(value)

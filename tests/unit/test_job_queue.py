@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from server.job_queue import JobQueue
 from server.jobs import PRIORITIES, Job, JobState
-from server.service import JobQueue
 
 NORMAL, LOW = PRIORITIES["normal"], PRIORITIES["low"]
 
