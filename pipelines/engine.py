@@ -329,7 +329,9 @@ class Engine:
         bad: set[int] = set()
         if rows:
             decoded, finite = pipe.decode(latents)
-            pixels = (decoded.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+            # Non-finite rows are reported as errors below; zero them so the cast has nothing undefined.
+            decoded = decoded.float().nan_to_num(0.0, 0.0, 0.0)
+            pixels = (decoded.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
             timings["decode"] = time.perf_counter() - clock
             clock = time.perf_counter()
             for k, row in enumerate(rows):
