@@ -116,43 +116,26 @@ def fal_router(
 
     # Status, stream, result and cancel. /queue first: "/queue/a/b/requests/x" must not be read as
     # owner "queue", alias "a", sub-path "b".
+    request_routes = [  # (suffix, handler, method, summary)
+        ("/status", _status(service, owner_of), "GET", "Request status"),
+        ("/status/stream", _stream(service, owner_of), "GET", "Request status as server-sent events"),
+        ("", _result(service, owner_of), "GET", "Request result"),
+        ("/cancel", _cancel(service, owner_of), "PUT", "Cancel a request"),
+    ]
     for prefix in ("/queue", ""):
         for sub in ("/{owner}/{alias}", "/{owner}/{alias}/{path}"):
             for slash in ("", "/"):
                 shown = prefix == "/queue" and sub == "/{owner}/{alias}" and slash == ""
                 base = f"{prefix}{sub}/requests/{{request_id}}"
-                router.add_api_route(
-                    f"{base}/status{slash}",
-                    _status(service, owner_of),
-                    methods=["GET"],
-                    include_in_schema=shown,
-                    tags=["queue"],
-                    summary="Request status",
-                )
-                router.add_api_route(
-                    f"{base}/status/stream{slash}",
-                    _stream(service, owner_of),
-                    methods=["GET"],
-                    include_in_schema=shown,
-                    tags=["queue"],
-                    summary="Request status as server-sent events",
-                )
-                router.add_api_route(
-                    f"{base}{slash}",
-                    _result(service, owner_of),
-                    methods=["GET"],
-                    include_in_schema=shown,
-                    tags=["queue"],
-                    summary="Request result",
-                )
-                router.add_api_route(
-                    f"{base}/cancel{slash}",
-                    _cancel(service, owner_of),
-                    methods=["PUT"],
-                    include_in_schema=shown,
-                    tags=["queue"],
-                    summary="Cancel a request",
-                )
+                for suffix, handler, method, summary in request_routes:
+                    router.add_api_route(
+                        f"{base}{suffix}{slash}",
+                        handler,
+                        methods=[method],
+                        include_in_schema=shown,
+                        tags=["queue"],
+                        summary=summary,
+                    )
 
     @router.api_route("/{path:path}", methods=["GET", "POST"], include_in_schema=False)
     async def unknown_route(path: str, request: Request) -> None:
