@@ -7,6 +7,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +17,10 @@ from PIL import Image
 
 from . import images as imgs
 from .embeddings import ParsedEmbedding, check_tokens_free, parse_embedding, textual_inversion
-from .errors import EngineError, InputError, NonFiniteOutputError, RequestCancelled
+from .errors import EngineError, GpuFatalError, GpuOutOfMemory, InputError, NonFiniteOutputError, RequestCancelled
 from .expansion import PromptExpander
+from .fault_injection import FaultHook, FaultPoint, hook_from_env
+from .gpu_faults import check_device, classify_gpu_error, first_line, free_memory, low_memory_vae
 from .hub import EXPANSION_FILES, SAFETY_CHECKER_FILES, Resolver, resolve_repo
 from .inpaint import DenoiseBatch, FewStepInpaintPipeline
 from .loading import ModelStore
@@ -84,6 +87,8 @@ class Engine:
         # prepare() (any thread) reads the tokenizers' vocabularies while run() may be adding an
         # embedding's tokens to them; both hold this lock for that part.
         self._vocab_lock = threading.Lock()
+        # Tests only: called at named points of a run to provoke GPU faults (see fault_injection.py).
+        self.fault_hook: FaultHook | None = hook_from_env()
 
     # ------------------------------------------------------------------ loading
 
@@ -187,8 +192,9 @@ class Engine:
             )
             with self._vocab_lock:
                 check_tokens_free(embedding, (text.tokenizer, text.tokenizer_2))
-        image = imgs.to_rgb(imgs.open_image(request.image, "image_url"))
-        mask = imgs.to_mask(imgs.open_image(request.mask, "mask_url"))
+        max_pixels = request.max_image_pixels or imgs.MAX_IMAGE_PIXELS
+        image = imgs.to_rgb(imgs.open_image(request.image, "image_url", max_pixels))
+        mask = imgs.to_mask(imgs.open_image(request.mask, "mask_url", max_pixels))
         fitted = imgs.fit(image, mask, request.image_size, self.work_pixels)
         return PreparedRequest(
             request=request,
@@ -216,8 +222,12 @@ class Engine:
     ) -> list[InpaintResult]:
         """Run requests (grouped by batch key), one result per request in order.
 
-        A bad or cancelled request gets a result with ``error`` set; the others are unaffected.
-        Exceptions escape only for faults of the whole batch (such as running out of GPU memory).
+        A bad or cancelled request gets a result with ``error`` set; the others are unaffected. Out of
+        GPU memory, a batch is run again one request at a time, then a request alone in low-memory mode
+        (VAE tiling); one that still does not fit gets a :class:`GpuOutOfMemory` result (see
+        :meth:`_run_fitting`). Exceptions escape only for faults of the whole process or batch:
+        :class:`GpuFatalError` when the CUDA context is broken (the caller must restart the process),
+        or an unexpected bug.
         """
         results: list[InpaintResult | None] = [None] * len(requests)
         groups: dict[Hashable, list[tuple[int, PreparedRequest]]] = {}
@@ -231,12 +241,96 @@ class Engine:
         for members in groups.values():
             batch = [p for _, p in members]
             try:
-                group_results = self._run_group(batch, should_stop, on_progress)
+                group_results = self._run_fitting(batch, should_stop, on_progress)
             except InputError as exc:  # e.g. an embedding refused while loading; nothing stays loaded
                 group_results = [InpaintResult(request_id=p.request_id, seed=p.seed, error=exc) for p in batch]
             for (i, _), result in zip(members, group_results, strict=True):
                 results[i] = result
         return [r for r in results if r is not None]
+
+    # ------------------------------------------------------------------ GPU memory faults
+
+    # The OOM policy lives here, not in the server: only the engine can shrink the work (split a batch,
+    # tile the VAE) and keep what did fit, and the server knows nothing of torch. The order follows
+    # what costs memory: the UNet and the VAE decode grow with the batch, then the VAE decode with the
+    # image size. Each step frees memory first; each retry gives the same images as a run without
+    # faults (one generator per image), except for VAE tile seams in low-memory mode.
+
+    def _run_fitting(
+        self, group: list[PreparedRequest], should_stop: ShouldStop | None, on_progress: OnProgress | None
+    ) -> list[InpaintResult]:
+        results = self._attempt(group, should_stop, on_progress)
+        if results is not None:
+            return results
+        if len(group) > 1:
+            log.warning("retrying a batch of %d requests one request at a time", len(group))
+        return [self._run_alone(p, should_stop, on_progress, tried=len(group) == 1) for p in group]
+
+    def _run_alone(
+        self, p: PreparedRequest, should_stop: ShouldStop | None, on_progress: OnProgress | None, tried: bool
+    ) -> InpaintResult:
+        if not tried:
+            results = self._attempt([p], should_stop, on_progress)
+            if results is not None:
+                return results[0]
+        log.warning("request %s: retrying alone with VAE tiling", p.request_id)
+        results = self._attempt([p], should_stop, on_progress, low_memory=True)
+        if results is not None:
+            return results[0]
+        self._check_device(p)
+        return InpaintResult(
+            request_id=p.request_id,
+            seed=p.seed,
+            prompt=p.request.prompt,
+            timings=_round(p.timings),
+            error=GpuOutOfMemory(
+                "out of GPU memory, even alone and with VAE tiling; try a smaller image_size or fewer num_images"
+            ),
+        )
+
+    def _attempt(
+        self,
+        group: list[PreparedRequest],
+        should_stop: ShouldStop | None,
+        on_progress: OnProgress | None,
+        low_memory: bool = False,
+    ) -> list[InpaintResult] | None:
+        """One try: the results, or None if the GPU ran out of memory (the memory is freed again).
+
+        A fatal CUDA error becomes :class:`GpuFatalError`; other errors pass through unchanged.
+        """
+        vae = self.pipeline(group[0].variant).vae
+        try:
+            with low_memory_vae(vae) if low_memory else nullcontext():
+                return self._run_group(group, should_stop, on_progress)
+        except Exception as exc:
+            kind = classify_gpu_error(exc)
+            if kind == "fatal":
+                raise GpuFatalError(f"unrecoverable GPU error: {first_line(exc)}") from exc
+            if kind != "oom":
+                raise
+            mode = " with VAE tiling" if low_memory else ""
+            log.warning("out of GPU memory on %d request(s)%s: %s", len(group), mode, first_line(exc))
+        # Out of the except block: the traceback, and the tensors its frames hold, are gone.
+        free_memory(self.device)
+        return None
+
+    def _check_device(self, p: PreparedRequest) -> None:
+        """After an OOM that could not be worked around: is the device still sound? GpuFatalError if not."""
+        try:
+            self._fault_point("device_check", [p], self.pipeline(p.variant))
+            check_device(self.device)
+        except Exception as exc:
+            raise GpuFatalError(f"GPU self-check after running out of memory failed: {first_line(exc)}") from exc
+
+    def _fault_point(
+        self, name: str, group: list[PreparedRequest], pipe: FewStepInpaintPipeline, step: int | None = None
+    ) -> None:
+        hook = self.fault_hook
+        if hook is not None:
+            ids = tuple(p.request_id for p in group)
+            prompts = tuple(p.request.prompt for p in group)
+            hook(FaultPoint(name, ids, prompts, bool(getattr(pipe.vae, "use_tiling", False)), step))
 
     # ------------------------------------------------------------------ internals
 
@@ -307,6 +401,7 @@ class Engine:
 
         def on_step(i: int, total: int) -> list[int] | None:
             nonlocal live
+            self._fault_point("denoise_step", group, pipe, i)
             active = sorted({image_of[row] for row in live})
             if on_progress is not None:
                 for j in active:
@@ -328,6 +423,7 @@ class Engine:
         outputs: list[list[Image.Image]] = [[] for _ in group]
         bad: set[int] = set()
         if rows:
+            self._fault_point("decode", group, pipe)
             decoded, finite = pipe.decode(latents)
             # Non-finite rows are reported as errors below; zero them so the cast has nothing undefined.
             decoded = decoded.float().nan_to_num(0.0, 0.0, 0.0)

@@ -42,3 +42,15 @@ class RequestCancelled(EngineError):
     """``should_stop`` asked the engine to stop this request between two denoising steps."""
 
     error_type = "cancelled"
+
+
+class GpuOutOfMemory(EngineError):
+    """The request did not fit in GPU memory even alone and with VAE tiling (its batch-mates still ran)."""
+
+    error_type = "gpu_oom"
+
+
+class GpuFatalError(EngineError):
+    """The CUDA context is broken (illegal memory access, device-side assert...); only a new process helps."""
+
+    error_type = "cuda_fatal"

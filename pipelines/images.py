@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,31 +17,89 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import InputError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")  # the only decoders a request's bytes reach
+MAX_IMAGE_PIXELS = 50_000_000  # default limit per decoded image: 8000x6000 photos, 8K frames
 MASK_THRESHOLD = 128  # diffusers' VaeImageProcessor binarises value/255 at 0.5
 
 
-def open_image(data: bytes | Image.Image, field: str) -> Image.Image:
-    """Decode bytes (or take a PIL image), apply the EXIF orientation, and check it has pixels."""
+def open_image(data: bytes | Image.Image, field: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode bytes (or take a PIL image), apply the EXIF orientation, and check it has pixels.
+
+    Only PNG, JPEG and WEBP are decoded. The pixel count is read from the header and checked against
+    ``max_pixels`` (capped at Pillow's own ``Image.MAX_IMAGE_PIXELS``, so an image Pillow would warn
+    about as a decompression bomb is refused too) before any pixel data is decoded. The limit is a
+    parameter, not process state: threads decoding at once with different limits do not interfere.
+    Every failure is an :class:`InputError` naming ``field``.
+    """
     if isinstance(data, Image.Image):
         image = data
+        _check_pixels(image, field, max_pixels)
     else:
-        if not data:
-            raise InputError(field, "the file is empty")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                image.load()
-        except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise InputError(field, f"cannot decode the image ({exc.__class__.__name__})") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise InputError(field, f"cannot decode the image: {exc}") from exc
+        image = _decode(data, field, max_pixels)
     if image.width == 0 or image.height == 0:
         raise InputError(field, f"the image has no pixels ({image.width}x{image.height})")
     try:
         return ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(field, f"cannot apply the EXIF orientation: {exc}") from exc
+
+
+def _decode(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    if not data:
+        raise InputError(field, "the file is empty")
+    try:
+        # Image.open reads only the header; it raises DecompressionBombError past 2x Pillow's limit.
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise InputError(field, f"{_what_it_is(data)}; send a PNG, JPEG or WEBP image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(field, f"the image has too many pixels (this server accepts at most {max_pixels})") from None
+    except Exception as exc:  # plugins raise SyntaxError, ValueError, struct.error... on a bad header
+        raise InputError(field, f"cannot read the image header ({_reason(exc)})") from None
+    _check_pixels(image, field, max_pixels)
+    try:
+        image.load()
+    except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError...
+        raise InputError(field, f"cannot decode the {image.format} image ({_reason(exc)})") from None
+    return image
+
+
+def _check_pixels(image: Image.Image, field: str, max_pixels: int) -> None:
+    limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+    width, height = image.size
+    if width * height > limit:
+        raise InputError(
+            field, f"the image is {width}x{height} ({width * height} pixels); this server accepts at most {limit}"
+        )
+
+
+# Formats Pillow could decode but this server refuses, named in the error so the user knows why.
+_MAGIC = (
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"8BPS", "PSD"),
+    (b"%!PS", "EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"SIMPLE  =", "FITS"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"%PDF", "PDF"),
+    (b"<", "text (SVG, HTML or XML)"),
+)
+
+
+def _what_it_is(data: bytes) -> str:
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return f"this is a {name} file, which is not accepted"
+    return "not a PNG, JPEG or WEBP image"
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) if isinstance(exc, (OSError, SyntaxError, ValueError, EOFError)) else ""
+    text = text.strip() or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:

@@ -28,6 +28,7 @@ class InpaintRequest:
 
     ``image_size`` is ``(width, height)`` or None (keep the input image's own size).
     ``seed`` None means: draw one; the result reports it.
+    ``max_image_pixels`` bounds each decoded input (None: ``pipelines.images.MAX_IMAGE_PIXELS``).
     """
 
     app_id: str
@@ -43,6 +44,7 @@ class InpaintRequest:
     enable_safety_checker: bool = True
     expand_prompt: bool = False
     request_id: str = ""
+    max_image_pixels: int | None = None
 
 
 @dataclass

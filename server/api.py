@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
-import httpx
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
@@ -24,17 +23,33 @@ from .errors import (
     TIMEOUT_TYPE_HEADER,
     AlreadyCompleted,
     BadRequest,
+    Draining,
     NotFound,
     StillInProgress,
     error_response,
 )
+from .fetch import FetchError, FetchGuard
+from .idempotency import HEADER as IDEMPOTENCY_HEADER
+from .idempotency import KEY_PATTERN as IDEMPOTENCY_KEY_PATTERN
+from .idempotency import REPLAYED_HEADER, fingerprint
 from .jobs import PRIORITIES, Job, JobState
+from .responses import CANCEL, RESULT, RUN, STATUS, STREAM, SUBMIT
 from .routing import QUEUE_PREFIX_KEY
 from .schemas import Output, input_model
 from .service import JobService
 
 TRUE_FLAGS = ("1", "true", "yes", "on")
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias=IDEMPOTENCY_HEADER,
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        description="Send a submit again with the same key and body (after a timeout, say) to get the same "
+        "request_id back instead of a second request. Printable ASCII, at most 255 characters.",
+    ),
+]
 STREAM_KEEPALIVE_S = 10.0
+FOLLOW_UPS = ("request_status", "request_result", "cancel_request")  # operation ids a submit links to
 
 
 def _flag(value: str | None) -> bool:
@@ -64,14 +79,15 @@ def _start_timeout(request: Request) -> float | None:
     return seconds
 
 
-def _check_webhook_url(url: str) -> None:
+async def _check_webhook_url(url: str, guard: FetchGuard) -> None:
+    """The SSRF guard of input URLs (case S17): the URL's shape, then every address its host resolves to now.
+
+    Delivery connects through the same guard again, so a name that resolves elsewhere later is refused then.
+    """
     try:
-        parsed = httpx.URL(url)
-        valid = parsed.scheme in ("http", "https") and bool(parsed.host) and (parsed.port or 80) <= 65535
-    except (httpx.InvalidURL, ValueError, TypeError):
-        valid = False
-    if not valid:
-        raise BadRequest(f"fal_webhook must be an absolute http(s) URL, not {url!r}")
+        await guard.check(url)
+    except FetchError as exc:
+        raise BadRequest(f"fal_webhook {exc}") from None
 
 
 def result_response(service: JobService, job: Job) -> JSONResponse:
@@ -84,6 +100,8 @@ def result_response(service: JobService, job: Job) -> JSONResponse:
             )
         return JSONResponse(output, headers={REQUEST_ID_HEADER: job.id})
     headers = {TIMEOUT_TYPE_HEADER: "user"} if job.error_type == "request_timeout" else None
+    if job.error_type == Draining.error_type:  # a sync run refused by a shutdown: worth retrying
+        headers = {"Retry-After": str(Draining.retry_after_s)}
     return error_response(job.http_status, job.error_body or {}, job.error_type, job.id, headers)
 
 
@@ -95,7 +113,15 @@ def fal_router(
 ) -> APIRouter:
     router = APIRouter()
 
-    def submit_job(request: Request, app: AppSpec, payload: BaseModel, owner: str, sync: bool, webhook: str | None):
+    def submit_job(
+        request: Request,
+        app: AppSpec,
+        payload: BaseModel,
+        owner: str,
+        sync: bool,
+        webhook: str | None,
+        idempotency: tuple[str, str] | None = None,
+    ):
         endpoint = "/".join(app.app_id.split("/")[:2])
         return service.submit(
             app_id=app.app_id,
@@ -108,6 +134,7 @@ def fal_router(
             start_timeout=_start_timeout(request),
             webhook_url=webhook,
             sync=sync,
+            idempotency=idempotency,
         )
 
     for app in apps:
@@ -116,18 +143,18 @@ def fal_router(
 
     # Status, stream, result and cancel. /queue first: "/queue/a/b/requests/x" must not be read as
     # owner "queue", alias "a", sub-path "b".
-    request_routes = [  # (suffix, handler, method, summary)
-        ("/status", _status(service, owner_of), "GET", "Request status"),
-        ("/status/stream", _stream(service, owner_of), "GET", "Request status as server-sent events"),
-        ("", _result(service, owner_of), "GET", "Request result"),
-        ("/cancel", _cancel(service, owner_of), "PUT", "Cancel a request"),
+    request_routes = [  # (suffix, handler, method, summary, operation id, responses)
+        ("/status", _status(service, owner_of), "GET", "Request status", "request_status", STATUS),
+        ("/status/stream", _stream(service, owner_of), "GET", "Request status as server-sent events", None, STREAM),
+        ("", _result(service, owner_of), "GET", "Request result", "request_result", RESULT),
+        ("/cancel", _cancel(service, owner_of), "PUT", "Cancel a request", "cancel_request", CANCEL),
     ]
     for prefix in ("/queue", ""):
         for sub in ("/{owner}/{alias}", "/{owner}/{alias}/{path}"):
             for slash in ("", "/"):
                 shown = prefix == "/queue" and sub == "/{owner}/{alias}" and slash == ""
                 base = f"{prefix}{sub}/requests/{{request_id}}"
-                for suffix, handler, method, summary in request_routes:
+                for suffix, handler, method, summary, operation_id, responses in request_routes:
                     router.add_api_route(
                         f"{base}{suffix}{slash}",
                         handler,
@@ -135,6 +162,9 @@ def fal_router(
                         include_in_schema=shown,
                         tags=["queue"],
                         summary=summary,
+                        operation_id=operation_id if shown else None,
+                        responses=responses,
+                        status_code=202 if suffix == "/cancel" else None,
                     )
 
     @router.api_route("/{path:path}", methods=["GET", "POST"], include_in_schema=False)
@@ -167,11 +197,18 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         payload: model = Body(...),  # type: ignore[valid-type]
         fal_webhook: str | None = Query(None, description="URL to POST the result to when the request completes."),
         owner: str = Depends(owner_of),
+        idempotency_key: IdempotencyKey = None,
     ) -> JSONResponse:
-        if fal_webhook is not None:
-            _check_webhook_url(fal_webhook)
-        job = submit_job(request, app, payload, owner, False, fal_webhook)
         service: JobService = request.app.state.service
+        if fal_webhook is not None:
+            await _check_webhook_url(fal_webhook, service.fetcher.guard)
+        idempotency = job = None
+        if idempotency_key is not None:
+            idempotency = (idempotency_key, fingerprint(app.app_id, payload.model_dump(mode="json"), fal_webhook))
+            job = service.find_idempotent(owner, *idempotency)
+        headers = {REPLAYED_HEADER: "true"} if job is not None else {}
+        if job is None:
+            job = submit_job(request, app, payload, owner, False, fal_webhook, idempotency)
         body = {
             "status": "IN_QUEUE",
             "request_id": job.id,
@@ -179,7 +216,7 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
             "queue_position": service.position(job) or 0,
             "gateway_request_id": job.id,
         }
-        return JSONResponse(body, headers={REQUEST_ID_HEADER: job.id})
+        return JSONResponse(body, headers={REQUEST_ID_HEADER: job.id, **headers})
 
     # The body type is this app's model; annotations are strings under `from __future__ import annotations`.
     run.__annotations__["payload"] = model
@@ -191,13 +228,19 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         response_model=Output,
         tags=[app.app_id],
         summary=f"Run {app.app_id} and wait for the result",
+        responses=RUN,
     )
+    # The links say where a submit's request_id goes next (and let schemathesis test those steps in order).
+    owner, alias = app.app_id.split("/")[:2]
+    follow = {"owner": owner, "alias": alias, "request_id": "$response.body#/request_id"}
+    links = {op: {"operationId": op, "parameters": follow} for op in FOLLOW_UPS}
     router.add_api_route(
         f"/queue/{app.app_id}",
         submit,
         methods=["POST"],
         tags=[app.app_id],
         summary=f"Queue a request to {app.app_id}",
+        responses={**SUBMIT, 200: {**SUBMIT[200], "links": links}},
     )
 
 

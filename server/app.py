@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -28,8 +28,12 @@ from .api import fal_router
 from .auth import KeyAuth
 from .engine_host import EngineHost
 from .errors import ERROR_TYPE_HEADER, ApiError, NotFound, error_response
+from .fetch import FetchGuard, HostResolver, resolve_host
 from .files import FileStore
+from .limits import BodyLimit
 from .metrics import Metrics
+from .redact import public_message
+from .responses import JWKS, READY
 from .routing import FalRouting
 from .service import JobService
 from .settings import Settings
@@ -49,9 +53,13 @@ def create_app(
     engine_loader: Callable[[], Any] | None = None,
     clock: Callable[[], float] = time.time,
     webhook_transport: httpx.AsyncBaseTransport | None = None,
+    fetch_resolver: HostResolver | None = None,
+    exit_process: Callable[[int], None] | None = None,
 ) -> FastAPI:
     """The server. Give ``engine`` (loaded) or ``engine_loader`` (called on a thread at start);
-    with neither, the engine is loaded from ``settings`` (``models``, ``device``, ``apps``...)."""
+    with neither, the engine is loaded from ``settings`` (``models``, ``device``, ``apps``...).
+    ``fetch_resolver`` replaces DNS for user URLs (tests: fake names, DNS rebinding).
+    ``exit_process(status)`` ends the process after a GPU fault (default ``os._exit``; tests record it)."""
     spec = load_serving_spec(settings.config_dir, settings.model_paths)
     apps = list(spec.apps.values())
     data_dir = settings.data_dir
@@ -63,6 +71,9 @@ def create_app(
     signer = None
     if settings.webhook_signing:
         signer = WebhookSigner(settings.webhook_key_file or data_dir / "webhook-ed25519.pem")
+    fetch_guard = FetchGuard(
+        settings.fetch_allow, fetch_resolver or resolve_host, resolve_timeout_s=settings.fetch_connect_timeout_s
+    )
     webhooks = WebhookSender(
         store,
         metrics,
@@ -73,11 +84,14 @@ def create_app(
         timeout_s=settings.webhook_timeout_s,
         clock=clock,
         transport=webhook_transport,
+        guard=fetch_guard,
     )
     if engine is None and engine_loader is None:
         engine_loader = _default_loader(settings)
     host = EngineHost(engine=engine, loader=engine_loader, warmup=settings.warmup)
-    service = JobService(settings, store, files, host, metrics, webhooks, clock=clock)
+    service = JobService(
+        settings, store, files, host, metrics, webhooks, clock=clock, fetch_guard=fetch_guard, exit_process=exit_process
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,6 +120,8 @@ def create_app(
     app.state.host = host
     app.state.metrics = metrics
     app.state.webhooks = webhooks
+    # Called on SIGTERM by `inpaint-server serve` (server.draining.DrainingServer) before uvicorn shuts down.
+    app.state.drain = lambda: service.drain(settings.drain_grace_s)
 
     def owner_of(request: Request) -> str:
         return auth.owner(request.headers.get("authorization"))
@@ -122,20 +138,22 @@ def create_app(
     async def live() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/health/ready", tags=["operations"])
+    @app.get("/health/ready", tags=["operations"], responses=READY)
     async def ready() -> JSONResponse:
-        metrics.ready.set(1 if host.ready else 0)
+        metrics.ready.set(1 if host.ready and not service.draining else 0)
+        if service.draining:
+            return JSONResponse({"status": "draining", "detail": "the server is shutting down"}, status_code=503)
         if host.ready:
             return JSONResponse({"status": "ready"})
-        body = {"status": host.state, "detail": host.error or f"models are {host.state}"}
+        body = {"status": host.state, "detail": public_message(host.error or f"models are {host.state}")}
         return JSONResponse(body, status_code=503)
 
-    @app.get("/metrics", tags=["operations"])
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     async def prometheus() -> Response:
-        metrics.ready.set(1 if host.ready else 0)
+        metrics.ready.set(1 if host.ready and not service.draining else 0)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/.well-known/jwks.json", tags=["operations"])
+    @app.get("/.well-known/jwks.json", tags=["operations"], responses=JWKS)
     async def jwks() -> dict[str, Any]:
         if signer is None:
             raise NotFound("webhook signing is off")
@@ -143,11 +161,11 @@ def create_app(
 
     @app.get("/files/{request_id}/{name}", include_in_schema=False)
     async def result_file(request_id: str, name: str) -> FileResponse:
-        path = files.result_path(request_id, name)
+        path = files.served_result(request_id, name)  # symlinks resolved: only files the server wrote there
         media = IMAGE_TYPES.get(name.rpartition(".")[2].lower())
-        if path is None or media is None or not path.is_file() or path.is_symlink():
+        if path is None or media is None:
             raise NotFound("no such file")
-        if not service.files_live(request_id):
+        if not service.files_live(request_id, name):
             raise NotFound("no such file (expired)")
         return FileResponse(path, media_type=media, headers={"X-Content-Type-Options": "nosniff"})
 
@@ -159,6 +177,8 @@ def create_app(
     )
     app.include_router(fal_router(service, apps, owner_of, base_url_of))
 
+    # Innermost of the three: it sees the path FalRouting rewrote (proxy, queue host, /rest).
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_max_bytes=settings.upload_max_bytes)
     app.add_middleware(FalRouting)
     app.add_middleware(
         CORSMiddleware,

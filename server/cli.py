@@ -156,9 +156,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .app import create_app
+    from .draining import run as run_server
     from .settings import SettingsError, load_settings
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "verbose")}
@@ -172,7 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     scheme = settings.scheme
     log.info("listening on %s://%s:%d (data in %s)", scheme, settings.host, settings.port, settings.data_dir)
-    uvicorn.run(
+    run_server(
         app,
         host=settings.host,
         port=settings.port,
@@ -180,7 +179,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         log_config=None,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        # SIGTERM drains first (the running batch gets drain_grace_s); this is only for the connections
+        # still open after that, such as status streams of queued requests.
+        timeout_graceful_shutdown=5,
     )
     return 0
 

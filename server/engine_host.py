@@ -12,7 +12,8 @@ log = logging.getLogger("inpaint-server.engine")
 
 
 class EngineHost:
-    """Holds the engine. ``state`` is ``loading``, ``warming``, ``ready`` or ``failed``."""
+    """Holds the engine. ``state`` is ``loading``, ``warming``, ``ready``, ``failed`` (did not load) or
+    ``gpu_fault`` (a fatal GPU error or a hung GPU; the process is about to exit for a restart)."""
 
     def __init__(self, engine: Any = None, loader: Callable[[], Any] | None = None, warmup: bool = True) -> None:
         if engine is None and loader is None:
@@ -28,6 +29,11 @@ class EngineHost:
     @property
     def ready(self) -> bool:
         return self.state == "ready"
+
+    def fault(self, reason: str) -> None:
+        """The GPU is unusable (GPU faults): not ready any more, with ``reason`` for /health/ready."""
+        self.state = "gpu_fault"
+        self.error = reason
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

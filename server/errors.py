@@ -7,6 +7,7 @@ permanent failures; 504 appears only for the user's own start timeout, marked so
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -19,10 +20,13 @@ TIMEOUT_TYPE_HEADER = "X-Fal-Request-Timeout-Type"
 STATUS_FOR_ERROR_TYPE = {
     "invalid_input": 422,
     "input_fetch_error": 422,
+    "input_fetch_timeout": 422,
     "cancelled": 499,
     "request_timeout": 504,
+    "draining": 503,
     "interrupted": 500,
     "nonfinite_output": 500,
+    "gpu_oom": 500,  # not 503/504: clients retry those, and the same request would run out of memory again
     "engine_error": 500,
     "engine_unavailable": 500,
     "model_file_error": 500,
@@ -74,6 +78,20 @@ class PayloadTooLarge(ApiError):
     error_type = "payload_too_large"
 
 
+class TooManyRequests(ApiError):
+    """429 with Retry-After: the queue is full (``queue_full``) or the key's rate is spent (``rate_limited``).
+
+    fal's clients retry 429, so it is used for these two transient refusals and nothing else.
+    """
+
+    status = 429
+    error_type = "rate_limited"
+
+    def __init__(self, detail: str, retry_after_s: float, error_type: str = "rate_limited") -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+        self.error_type = error_type
+
+
 class ValidationFailed(ApiError):
     """422 in FastAPI's ``detail`` list shape, so JS raises ``ValidationError`` with ``fieldErrors``."""
 
@@ -110,6 +128,29 @@ class StillInProgress(ApiError):
 
     status = 400
     error_type = "still_in_progress"
+
+
+class Draining(ApiError):
+    """SIGTERM was received: no new work. 503 with Retry-After, so clients retry (another instance, or this one
+    after its restart)."""
+
+    status = 503
+    error_type = "draining"
+    retry_after_s = 10
+
+    def __init__(self, detail: str = "the server is shutting down and accepts no new requests; retry shortly") -> None:
+        super().__init__(detail, headers={"Retry-After": str(self.retry_after_s)})
+
+
+class IdempotencyKeyReused(ApiError):
+    """An ``Idempotency-Key`` sent again with a different request. 422, not 409: fal's clients retry 409."""
+
+    status = 422
+    error_type = "idempotency_key_reused"
+
+    def body(self) -> dict[str, Any]:
+        detail = [{"loc": ["header", "idempotency-key"], "msg": str(self.detail), "type": self.error_type}]
+        return {"detail": detail, "error_type": self.error_type, "message": str(self.detail)}
 
 
 def validation_detail(field: str, message: str) -> list[dict[str, Any]]:

@@ -1,7 +1,9 @@
 """Files on disk: generated images (``/files/...``) and client uploads (``/uploads/...``).
 
 Every served name is chosen by the server (request ids, random tokens, ``<n>.<ext>``) and checked
-against a strict pattern before it touches the file system, so no user text becomes a path.
+against a strict pattern before it touches the file system, so no user text becomes a path. A file
+is read only if its real path (symlinks resolved) is exactly where the server put it: a symlink
+planted under the data directory is refused, wherever it points.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class FileStore:
             return None
         return self.results / request_id / name
 
+    def served_result(self, request_id: str, name: str) -> Path | None:
+        """The generated file behind ``/files/<request_id>/<name>``, or None (bad name, missing, symlinked)."""
+        path = self.result_path(request_id, name)
+        return None if path is None else _regular_file(path, self.results, request_id, name)
+
     def write_result(self, request_id: str, name: str, data: bytes) -> Path:
         path = self.result_path(request_id, name)
         if path is None:
@@ -60,6 +67,11 @@ class FileStore:
             return None
         return self.uploads / token
 
+    def served_upload(self, token: str) -> Path | None:
+        """The uploaded file behind ``/uploads/<token>/...``, or None (bad token, missing, symlinked)."""
+        path = self.upload_path(token)
+        return None if path is None else _regular_file(path, self.uploads, token)
+
     def delete_upload(self, token: str) -> None:
         path = self.upload_path(token)
         if path is not None:
@@ -76,9 +88,17 @@ class FileStore:
             return None
         kind, ident, name = parts[-3:]
         if kind == "files":
-            path = self.result_path(ident, name)
-        elif kind == "uploads" and _NAME.match(name):
-            path = self.upload_path(ident)
-        else:
-            return None
-        return path if path is not None and path.is_file() else None
+            return self.served_result(ident, name)
+        if kind == "uploads" and _NAME.match(name):
+            return self.served_upload(ident)
+        return None
+
+
+def _regular_file(path: Path, root: Path, *parts: str) -> Path | None:
+    """``path`` resolved, if it is a regular file at exactly ``root/parts`` (no symlink below ``root``)."""
+    try:
+        resolved = path.resolve(strict=True)
+        expected = root.resolve(strict=True).joinpath(*parts)
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        return None
+    return resolved if resolved == expected and resolved.is_file() else None

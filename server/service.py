@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
+import os
 import secrets
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -25,15 +28,18 @@ from typing import Any
 
 from pipelines import Embedding, InpaintRequest
 from pipelines.encode import CONTENT_TYPES, encode_image
-from pipelines.errors import EngineError, InputError, RequestCancelled
+from pipelines.errors import EngineError, GpuFatalError, InputError, RequestCancelled
 
 from .engine_host import EngineHost
-from .errors import AlreadyCompleted, EngineUnavailable, NotFound, job_error
+from .errors import AlreadyCompleted, Draining, EngineUnavailable, IdempotencyKeyReused, NotFound, job_error
+from .fetch import FetchGuard
 from .files import FileStore
 from .inputs import InputFetcher, InputFetchError, image_size_of_json, slim_input
 from .job_queue import JobQueue
 from .jobs import Job, JobState
+from .limits import RequestLimits
 from .metrics import Metrics
+from .redact import public_message
 from .settings import Settings
 from .store import JobStore, WebhookRow
 from .webhooks import WebhookSender, webhook_body
@@ -42,6 +48,24 @@ log = logging.getLogger("inpaint-server.jobs")
 
 TERMINAL_CACHE = 5000  # finished jobs kept in memory for fast status polls
 INLINE_BUDGET = 256 * 1024 * 1024  # bytes of sync_mode results (data URIs) held in memory at most
+# GPU faults: the exit status after a fatal GPU error or a watchdog timeout. 75 is EX_TEMPFAIL
+# (sysexits.h: a temporary failure, try again), distinct from 1 (a crash), 2 (bad usage) and 3
+# (uvicorn: could not start). Any supervisor that restarts on failure restarts the server.
+EXIT_GPU_FAULT = 75
+
+
+class GpuHung(Exception):
+    """The running batch reported no progress for ``step_timeout_s`` (the watchdog)."""
+
+
+def exit_for_restart(code: int) -> None:
+    """End the process at once. Not a normal shutdown: the GPU thread may be hung (a normal exit joins it
+    forever) and cleanup code touching a broken CUDA context can fail or hang. The store is consistent
+    before this is called (SQLite commits are durable), so nothing acknowledged is lost."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 @dataclass
@@ -61,6 +85,8 @@ class JobService:
         metrics: Metrics,
         webhooks: WebhookSender,
         clock: Callable[[], float] = time.time,
+        fetch_guard: FetchGuard | None = None,
+        exit_process: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -69,7 +95,15 @@ class JobService:
         self.metrics = metrics
         self.webhooks = webhooks
         self.clock = clock
-        self.fetcher = InputFetcher(files, settings.input_max_bytes, settings.input_timeout_s)
+        self.fetcher = InputFetcher(
+            files,
+            settings.input_max_bytes,
+            settings.input_timeout_s,
+            guard=fetch_guard or FetchGuard(settings.fetch_allow, resolve_timeout_s=settings.fetch_connect_timeout_s),
+            connect_timeout_s=settings.fetch_connect_timeout_s,
+            retry_base_s=settings.fetch_retry_base_s,
+        )
+        self.limits = RequestLimits(settings, clock)
         self.queue = JobQueue()
         self.active: dict[str, Job] = {}  # queued and running
         self.finished: OrderedDict[str, Job] = OrderedDict()
@@ -82,6 +116,12 @@ class JobService:
         self._finalizers: set[asyncio.Task] = set()
         self._seq = store.next_seq()
         self.running: list[str] = []
+        self.draining = False  # SIGTERM: no new work; see drain()
+        self._abandoned = False  # the drain grace period ran out: the running batch stops and is not finalized
+        # GPU faults: when the running batch last showed progress (time.monotonic, for the watchdog), and
+        # how the process ends after a fault (replaced in tests that run the server in-process).
+        self._last_progress = time.monotonic()
+        self._exit_process = exit_process or exit_for_restart
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -145,10 +185,14 @@ class JobService:
         start_timeout: float | None = None,
         webhook_url: str | None = None,
         sync: bool = False,
+        idempotency: tuple[str, str] | None = None,
     ) -> Job:
-        """Create a job; it is durable when this returns."""
+        """Create a job; it is durable when this returns (with its ``(Idempotency-Key, fingerprint)``, if given)."""
+        if self.draining:
+            raise Draining()
         if self.host.state == "failed":
             raise EngineUnavailable(self._unavailable())
+        self.limits.check(payload, owner, len(self.queue))  # 422 / 413 / 429 before anything is stored
         now = self.clock()
         seed = payload.get("seed")
         if seed is None:
@@ -170,7 +214,7 @@ class JobService:
             start_deadline=None if start_timeout is None else now + start_timeout,
         )
         job.add_log("Request queued", when=now)
-        self.store.add(job)
+        self.store.add(job, idempotency)
         self.active[job.id] = job
         self.queue.push(job)
         if self.host.ready:
@@ -183,7 +227,27 @@ class JobService:
         return job
 
     def _unavailable(self) -> str:
-        return f"the models failed to load ({self.host.error}); see the server log and /health/ready"
+        return f"the models failed to load ({public_message(self.host.error or '')}); see the server log"
+
+    def find_idempotent(self, owner: str, key: str, fingerprint: str) -> Job | None:
+        """The live job an earlier submit with this ``Idempotency-Key`` created, or None if the key is free.
+
+        The same key with another request is refused; a key whose job has expired is free again.
+        """
+        found = self.store.idempotent(owner, key)
+        if found is None:
+            return None
+        stored_fingerprint, job_id = found
+        try:
+            job = self.get(job_id, owner)
+        except NotFound:
+            return None
+        if stored_fingerprint != fingerprint:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was already used for a different request (other input, app or webhook); "
+                "use a new key for a new request"
+            )
+        return job
 
     def get(self, job_id: str, owner: str, endpoint: str | None = None) -> Job:
         """The job if it exists and belongs to ``owner`` (and ``endpoint`` when given); else NotFound."""
@@ -198,10 +262,12 @@ class JobService:
             raise NotFound(f"request {job_id} not found (expired)", request_id=None)
         return job
 
-    def files_live(self, job_id: str) -> bool:
-        """Whether a request's generated files may still be served (it exists and has not expired)."""
+    def files_live(self, job_id: str, name: str | None = None) -> bool:
+        """Whether a request's generated files (or its file ``name``) may still be served (not expired)."""
         job = self.active.get(job_id) or self.finished.get(job_id) or self.store.get(job_id)
-        return job is not None and (job.expires_at is None or job.expires_at > self.clock())
+        if job is None or (name is not None and name not in job.files):
+            return False
+        return job.expires_at is None or job.expires_at > self.clock()
 
     def position(self, job: Job) -> int | None:
         return self.queue.position(job.id)
@@ -278,19 +344,23 @@ class JobService:
                 await asyncio.sleep(0.1)
 
     async def _run_next(self, engine: Any) -> None:
-        while not len(self.queue):
+        while not len(self.queue) or self.draining:
             self._queue_changed.clear()
             await self._queue_changed.wait()
         self._ensure_prepared(engine)
-        head_id = self.queue.head(1)[0]
+        head_id = self._next_head()
         head = self.active[head_id]
         task = self._prep[head_id]
-        # Wait for the head's inputs, but re-evaluate if the queue changes (cancel, higher priority).
+        # Wait for the head's inputs, but re-evaluate if the queue changes (cancel, higher priority) or, while
+        # the head downloads, when the inputs of a job behind it are ready.
         self._queue_changed.clear()
         changed = asyncio.ensure_future(self._queue_changed.wait())
-        await asyncio.wait({task, changed}, return_when=asyncio.FIRST_COMPLETED)
+        waits = {task, changed}
+        if not task.done() and self._downloads(head):
+            waits |= {t for t in self._prep.values() if not t.done()}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         changed.cancel()
-        if not task.done() or head_id not in self.queue:
+        if not task.done() or head_id not in self.queue or self.draining:
             return
         prep = task.result()
         if prep.error is not None:
@@ -302,9 +372,11 @@ class JobService:
         if self._timed_out(head):
             return
         batch = [head]
-        for job_id in self.queue.head(self.settings.max_batch_size * 4)[1:]:
+        for job_id in self.queue.head(self.settings.max_batch_size * 4):
             if len(batch) >= self.settings.max_batch_size:
                 break
+            if job_id == head_id:
+                continue
             other = self._prep.get(job_id)
             if other is None or not other.done() or other.cancelled():
                 continue
@@ -334,17 +406,24 @@ class JobService:
 
         def should_stop(request_id: str) -> bool:
             job = jobs.get(request_id)
-            return job is not None and job.cancel_requested
+            return job is not None and (job.cancel_requested or self._abandoned)
 
         def on_progress(request_id: str, step: int, total: int) -> None:
+            self._last_progress = time.monotonic()  # read by the watchdog (on this thread: no loop lag)
             loop.call_soon_threadsafe(self._progress, request_id, step, total)
 
+        self._last_progress = time.monotonic()
         try:
-            results = await asyncio.to_thread(engine.run, prepared, should_stop, on_progress)
+            results = await self._watched(asyncio.to_thread(engine.run, prepared, should_stop, on_progress))
+        except (GpuFatalError, GpuHung) as exc:
+            await self._gpu_fault(batch, str(exc))
+            return
         except Exception as exc:
             log.exception("engine failure on a batch of %d", len(batch))
             results = None
             error = f"inference failed: {type(exc).__name__}"
+        if self._abandoned:  # shutting down: the rows stay running, so the next start runs them again
+            return
         self.running = []
         if results is None:
             for job in batch:
@@ -357,11 +436,72 @@ class JobService:
                 task.add_done_callback(self._finalizers.discard)
         self._update_gauges()
 
+    # ------------------------------------------------------------------ GPU faults
+
+    async def _watched(self, work: Any) -> Any:
+        """Await the engine; raise :class:`GpuHung` once it shows no progress for ``step_timeout_s``.
+
+        Progress is a denoising step; the time before the first step (text encoding) and after the
+        last (VAE decode, safety checker) counts too, so the limit must cover those stages as well.
+        """
+        task = asyncio.ensure_future(work)
+        limit = self.settings.step_timeout_s
+        if not limit:
+            return await task
+        interval = min(1.0, max(limit / 4, 0.05))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=interval)
+            if done:
+                return task.result()
+            idle = time.monotonic() - self._last_progress
+            if idle > limit:
+                raise GpuHung(f"the GPU made no progress for {idle:.1f} s (step_timeout_s={limit:g}); presumed hung")
+
+    async def _gpu_fault(self, batch: list[Job], reason: str) -> None:
+        """A fatal GPU error or a hung GPU: this process cannot run anything any more.
+
+        Readiness turns 503 with the reason; the batch's rows stay ``running`` with their attempt
+        counted, so ``recover()`` after the restart runs them once more, or fails them ``interrupted``
+        after ``max_attempts`` (a job that crashes the process every time is not replayed forever);
+        results of earlier batches still being written are let finish; then the process exits with
+        EXIT_GPU_FAULT for the supervisor to restart it.
+        """
+        self.host.fault(reason)
+        log.critical("GPU fault, the server stops: %s (requests %s)", reason, ", ".join(j.id for j in batch))
+        now = self.clock()
+        for job in batch:
+            if job.state is JobState.RUNNING:
+                message = "GPU fault during this request; it runs again after the server restarts, if attempts remain"
+                job.add_log(message, "ERROR", now)
+                self.store.save(job)
+                job.notify()
+        if self._finalizers:
+            await asyncio.wait(set(self._finalizers), timeout=30)
+        await asyncio.sleep(self.settings.gpu_fault_exit_delay_s)  # readiness probes see the 503 meanwhile
+        log.critical("exiting with status %d so that a supervisor restarts the server", EXIT_GPU_FAULT)
+        self._exit_process(EXIT_GPU_FAULT)
+        await asyncio.Event().wait()  # (exit replaced in tests) the lane stays stopped, as in a dead process
+
     def _progress(self, request_id: str, step: int, total: int) -> None:
         job = self.active.get(request_id)
         if job is not None and job.state is JobState.RUNNING:
             job.add_log(f"Step {step}/{total}", when=self.clock())
             job.notify()
+
+    def _next_head(self) -> str:
+        """The job to run next: the queue's head or, while the head still downloads a remote input, the oldest
+        job behind it whose inputs are ready, so a slow image host cannot hold the GPU lane (case S7)."""
+        window = self.queue.head(self.settings.max_batch_size * 2)
+        head_id = window[0]
+        if head_id not in self._prep or self._prep[head_id].done() or not self._downloads(self.active[head_id]):
+            return head_id
+        return next((j for j in window[1:] if j in self._prep and self._prep[j].done()), head_id)
+
+    def _downloads(self, job: Job) -> bool:
+        """Whether preparing ``job`` fetches a URL over the network (not only data URIs and this server's files)."""
+        data = job.input
+        embeddings = [e.get("path") for e in data.get("embeddings") or [] if isinstance(e, dict)]
+        return any(self.fetcher.is_remote(s) for s in (data.get("image_url"), data.get("mask_url"), *embeddings))
 
     def _ensure_prepared(self, engine: Any) -> None:
         """Start fetching and decoding inputs for the first few queued jobs."""
@@ -394,6 +534,7 @@ class JobService:
                 enable_safety_checker=bool(data["enable_safety_checker"]),
                 expand_prompt=bool(data["expand_prompt"]),
                 request_id=job.id,
+                max_image_pixels=self.settings.max_image_pixels,
             )
             fetched = time.perf_counter()
             prepared = await asyncio.to_thread(engine.prepare, request)
@@ -401,7 +542,7 @@ class JobService:
             slim_input(job)
             return _Prepared(prepared=prepared, key=engine.batch_key(prepared))
         except InputFetchError as exc:
-            return _Prepared(error=("input_fetch_error", exc.message, exc.field))
+            return _Prepared(error=(exc.error_type, exc.message, exc.field))
         except InputError as exc:
             return _Prepared(error=("invalid_input", exc.message, exc.field))
         except EngineError as exc:
@@ -475,6 +616,7 @@ class JobService:
     def _finish_now(self, job: Job, error_type: str, message: str, field: str | None = None) -> None:
         """Make ``job`` terminal with an error (cancelled, timed out, failed)."""
         now = self.clock()
+        message = public_message(message)
         status, body = job_error(error_type, message, field)
         job.error = f"{field}: {message}" if field else message
         job.error_type = error_type
@@ -511,6 +653,55 @@ class JobService:
         while len(self.finished) > TERMINAL_CACHE:
             old_id, _ = self.finished.popitem(last=False)
             self.release_inline(old_id)
+
+    # ------------------------------------------------------------------ draining (SIGTERM)
+
+    async def drain(self, grace_s: float) -> bool:
+        """Stop taking work and give the running batch up to ``grace_s`` seconds to finish (results saved).
+
+        From now on submits answer 503 (:class:`Draining`) and no batch starts. Queued requests stay queued
+        in the store for the next start; synchronous runs still waiting are answered with a retryable 503,
+        since after a restart nobody would be waiting for them. Returns whether the batch finished in time;
+        if not, it is asked to stop at its next step and its rows stay ``running``, so ``recover()`` runs it
+        again after the restart (within ``max_attempts``).
+        """
+        if not self.draining:
+            self.draining = True
+            log.info("draining: %d queued requests stay queued for the next start", len(self.queue))
+            for job_id in self.queue.head(len(self.queue)):
+                job = self.active[job_id]
+                if job.sync:
+                    self.queue.remove(job_id)
+                    task = self._prep.pop(job_id, None)
+                    if task is not None:
+                        task.cancel()
+                    self._finish_now(job, "draining", "the server is shutting down; this run did not start, retry it")
+            self._queue_changed.set()
+        deadline = time.monotonic() + grace_s
+        try:
+            while (self.running or self._finalizers) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            if self.running:
+                self._abandon_running(grace_s)
+        if self._finalizers:  # the batch finished in time; its results are being written
+            await asyncio.gather(*self._finalizers, return_exceptions=True)
+        return not self._abandoned
+
+    def _abandon_running(self, grace_s: float) -> None:
+        self._abandoned = True
+        now = self.clock()
+        for job_id in self.running:
+            job = self.active.get(job_id)
+            if job is not None:
+                job.add_log(
+                    f"The server shut down before this request finished ({grace_s:g} s grace period); "
+                    "it runs again when the server restarts (within max_attempts)",
+                    "WARN",
+                    now,
+                )
+                self.store.save(job)
+        log.warning("drain grace over (%g s); %d running requests run again on restart", grace_s, len(self.running))
 
     # ------------------------------------------------------------------ clocks and housekeeping
 

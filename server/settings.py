@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .fetch import parse_allow_entry
+
 ENV_PREFIX = "INPAINT_"
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
 
@@ -72,9 +74,51 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         2, ge=1, le=10, description="Runs a job gets when restarts interrupt it; then it fails with 'interrupted'."
     )
+    # GPU faults
+    step_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="Watchdog: a running batch that shows no progress (a denoising step) for this long is taken for a "
+        "hung GPU: readiness turns 503 and the process exits with status 75 for a restart. It must cover text "
+        "encoding before the first step and VAE decode and safety checker after the last. 0: off.",
+    )
+    gpu_fault_exit_delay_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="After a fatal GPU error or a watchdog timeout: how long /health/ready answers 503 with the "
+        "reason before the process exits with status 75.",
+    )
     input_max_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Largest image, mask or embedding fetched.")
     input_timeout_s: float = Field(20.0, gt=0, description="Deadline for fetching one input URL.")
     upload_max_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Largest file accepted by the upload routes.")
+    # Limits
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="Largest request body (JSON with data URIs included), refused with 413 while it streams in. "
+        "The upload routes have upload_max_bytes instead.",
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        gt=0,
+        le=89_478_485,
+        description="Most pixels (width x height, read from the header before decoding) of an input image or mask; "
+        "at most Pillow's own decompression-bomb limit, 89478485.",
+    )
+    max_output_pixels: int = Field(
+        2048 * 2048, ge=64 * 64, description="Most pixels (width x height) of image_size; more is refused with 422."
+    )
+    max_num_images: int = Field(8, ge=1, le=8, description="Most images one request may ask for (num_images).")
+    max_queue_size: int = Field(
+        1000, ge=1, description="Most requests waiting in the queue; a submit beyond it gets 429 with Retry-After."
+    )
+    rate_limit_per_minute: int = Field(
+        0, ge=0, description="Submits (queue and sync runs) per minute per API key; 429 with Retry-After. 0: off."
+    )
+    rate_limit_burst: int = Field(
+        0, ge=0, description="Submits one API key may send at once before the rate applies (0: rate_limit_per_minute)."
+    )
     webhook_max_attempts: int = Field(10, ge=1, le=100, description="Delivery attempts per webhook.")
     webhook_retry_base_s: float = Field(15.0, gt=0, description="Delay before the first retry; doubles each time.")
     webhook_retry_max_s: float = Field(2700.0, gt=0, description="Longest delay between two webhook attempts.")
@@ -89,6 +133,36 @@ class Settings(BaseSettings):
         default_factory=lambda: ["*"], description="Origins allowed to call the API from a browser."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    # Draining and idempotency
+    drain_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long the running batch gets to finish; queued requests stay queued for the "
+        "next start, and a batch still running after this runs again after a restart.",
+    )
+
+    # Fetching
+    fetch_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Non-public hosts that image_url, mask_url, embedding paths and fal_webhook may reach (e.g. an "
+        "internal object store): networks (10.0.0.0/8, 10.1.2.3, fd00::/8) or host names (minio.internal, "
+        "*.corp.example); comma-separated in the environment. Default: public addresses only.",
+    )
+    fetch_connect_timeout_s: float = Field(
+        5.0, gt=0, description="Deadline for resolving a user URL's host and connecting to it (each attempt)."
+    )
+    fetch_retry_base_s: float = Field(
+        0.5, ge=0, description="Delay before retrying a fetch after a connection reset (2 retries, doubling)."
+    )
+
+    @field_validator("fetch_allow", mode="before")
+    @classmethod
+    def _fetch_allow(cls, value: Any) -> Any:
+        entries = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+        if isinstance(entries, list):
+            for entry in entries:
+                parse_allow_entry(str(entry))  # a ValueError names the bad entry
+        return entries
 
     @field_validator("api_keys", "apps", "cors_origins", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from .errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from .files import FileStore, safe_name
+from .responses import FILES_UPLOAD, UPLOAD_INITIATE, UPLOAD_TOKEN
 from .store import JobStore, UploadRow
 
 TOKEN_TTL_S = 3600
@@ -127,7 +128,7 @@ def storage_router(
             raise BadRequest(f"uploads must be one of {', '.join(ALLOWED_UPLOAD_TYPES)}, not {text!r}")
         return text
 
-    @router.post("/storage/upload/initiate")
+    @router.post("/storage/upload/initiate", responses=UPLOAD_INITIATE)
     async def initiate(request: Request, owner: str = Depends(owner_of)) -> dict[str, str]:
         try:
             body: dict[str, Any] = await request.json()
@@ -157,7 +158,7 @@ def storage_router(
         store.set_upload_size(token, size)
         return {"file_url": str(request.url), "size": size}
 
-    @router.post("/storage/auth/token")
+    @router.post("/storage/auth/token", responses=UPLOAD_TOKEN)
     async def auth_token(request: Request, owner: str = Depends(owner_of)) -> dict[str, str]:
         token, expires = tokens.issue(owner, clock())
         return {
@@ -167,7 +168,7 @@ def storage_router(
             "expires_at": dt.datetime.fromtimestamp(expires, dt.UTC).isoformat(),
         }
 
-    @router.post("/files/upload")
+    @router.post("/files/upload", responses=FILES_UPLOAD)
     async def files_upload(request: Request) -> JSONResponse:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         owner = tokens.owner(token.strip(), clock()) if scheme.lower() == "bearer" else None
@@ -184,9 +185,9 @@ def storage_router(
     @router.get("/uploads/{token}/{name}", include_in_schema=False)
     async def get_upload(token: str, name: str) -> FileResponse:
         row = store.get_upload(token)
-        path = files.upload_path(token)
+        path = files.served_upload(token)  # symlinks resolved: only the file the upload wrote
         complete = row is not None and row.size is not None and row.size >= 0
-        if not complete or path is None or name != row.file_name or not path.is_file():
+        if not complete or path is None or name != row.file_name:
             raise NotFound("no such file")
         if row.expires_at <= clock():
             raise NotFound("no such file (expired)")

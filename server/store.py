@@ -74,6 +74,14 @@ CREATE TABLE IF NOT EXISTS uploads (
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS idempotency (
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    PRIMARY KEY (owner, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_request ON idempotency (request_id);
 """
 
 _JSON_FIELDS = ("input", "result", "error_body", "logs", "files")
@@ -165,14 +173,30 @@ class JobStore:
             row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()
         return int(row[0]) + 1
 
-    def add(self, job: Job) -> None:
-        """Insert a new job; committed when this returns."""
+    def add(self, job: Job, idempotency: tuple[str, str] | None = None) -> None:
+        """Insert a new job, and its ``(Idempotency-Key, request fingerprint)`` if given; committed when this returns.
+
+        A key is unique per owner; a new job takes over the key of an expired one.
+        """
         values = _row(job)
         with self._tx() as db:
             db.execute(
                 f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                 [values[c] for c in _COLUMNS],
             )
+            if idempotency is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency (owner, key, fingerprint, request_id) VALUES (?, ?, ?, ?)",
+                    (job.owner, *idempotency, job.id),
+                )
+
+    def idempotent(self, owner: str, key: str) -> tuple[str, str] | None:
+        """(fingerprint, request id) stored for an owner's ``Idempotency-Key``, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT fingerprint, request_id FROM idempotency WHERE owner = ? AND key = ?", (owner, key)
+            ).fetchone()
+        return (row[0], row[1]) if row else None
 
     def save(self, job: Job, webhook: WebhookRow | None = None) -> None:
         """Write every field of ``job`` (and queue its webhook in the same transaction)."""
@@ -216,6 +240,7 @@ class JobStore:
     def delete(self, job_ids: list[str]) -> None:
         with self._tx() as db:
             db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in job_ids])
+            db.executemany("DELETE FROM idempotency WHERE request_id = ?", [(i,) for i in job_ids])
             db.executemany("DELETE FROM webhooks WHERE request_id = ? AND state != 'pending'", [(i,) for i in job_ids])
 
     def counts(self) -> dict[str, int]:

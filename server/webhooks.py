@@ -1,8 +1,10 @@
 """Webhook delivery: a durable outbox in the job store, retried with backoff, optionally signed.
 
-Delivery runs on its own task and never blocks the GPU lane. A webhook is queued in the same
-transaction that makes its job terminal, so a restart resumes delivery where it stopped. Receivers
-should dedupe on ``request_id`` (a delivery that timed out on our side may still have arrived).
+Delivery runs on its own task and never blocks the GPU lane. It connects only to addresses the SSRF
+guard (:mod:`server.fetch`) allows, checked again at each attempt, and follows no redirects. A webhook
+is queued in the same transaction that makes its job terminal, so a restart resumes delivery where it
+stopped. Receivers should dedupe on ``request_id`` (a delivery that timed out on our side may still
+have arrived).
 
 Signing follows fal's scheme with the server's own Ed25519 key: headers ``X-Fal-Webhook-Request-Id``,
 ``-User-Id``, ``-Timestamp`` and ``-Signature`` (hex), over
@@ -27,6 +29,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .fetch import FetchGuard, GuardedTransport
 from .metrics import Metrics
 from .store import JobStore, WebhookRow
 
@@ -123,6 +126,7 @@ class WebhookSender:
         clock: Callable[[], float],
         concurrency: int = 8,
         transport: httpx.AsyncBaseTransport | None = None,
+        guard: FetchGuard | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -131,7 +135,13 @@ class WebhookSender:
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self.clock = clock
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False, transport=transport)
+        # Every connection goes through the SSRF guard (``transport`` replaces it in tests only).
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s),
+            follow_redirects=False,
+            trust_env=False,
+            transport=transport or GuardedTransport(guard or FetchGuard()),
+        )
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._inflight: dict[str, asyncio.Task] = {}

@@ -55,7 +55,8 @@ def make_server(engine, tmp_path: Path):
     """Build the real app (tiny engine, fresh data dir) and serve it on a loopback port.
 
     ``make_server(engine=..., **settings)`` returns a started :class:`tests.live.LiveServer`;
-    every server is stopped at the end of the test.
+    every server is stopped at the end of the test. ``fetch_resolver=`` replaces DNS for user URLs.
+    User URLs on loopback (test image hosts, webhook receivers) need ``fetch_allow=tests.live.LOOPBACK``.
     """
     from server.app import create_app
     from server.settings import load_settings
@@ -63,10 +64,12 @@ def make_server(engine, tmp_path: Path):
 
     servers = []
 
-    def make(engine_override=None, ssl_certfile=None, ssl_keyfile=None, clock=None, **settings):
+    def make(engine_override=None, ssl_certfile=None, ssl_keyfile=None, clock=None, fetch_resolver=None, **settings):
         settings.setdefault("data_dir", tmp_path / f"data{len(servers)}")
         settings.setdefault("warmup", False)
         kwargs = {"clock": clock} if clock is not None else {}
+        if fetch_resolver is not None:
+            kwargs["fetch_resolver"] = fetch_resolver
         app = create_app(load_settings(settings), engine=engine_override or engine, **kwargs)
         server = LiveServer(app, ssl_certfile, ssl_keyfile).start()
         servers.append(server)

@@ -17,6 +17,9 @@ import httpx
 import uvicorn
 
 REPO = Path(__file__).resolve().parent.parent
+# The SSRF guard refuses loopback addresses; tests whose image hosts or webhook receivers listen on
+# 127.0.0.1 allow it with ``make_server(fetch_allow=LOOPBACK)`` (or ``INPAINT_FETCH_ALLOW``).
+LOOPBACK = ["127.0.0.1/32"]
 
 
 def free_port() -> int:

@@ -39,7 +39,7 @@ from tests.api.queue_ops import (
     wait_all_completed,
     wait_status,
 )
-from tests.live import ServerProcess
+from tests.live import LOOPBACK, ServerProcess
 from tests.webhook_receiver import HANG, WebhookReceiver
 
 # One request at a time on the lane, so the order jobs start in is the queue order. Only the variant the
@@ -50,6 +50,7 @@ SERVER_ENV = {
     "INPAINT_MAX_BATCH_SIZE": "1",
     "INPAINT_APPS": "fast-lightning-sdxl:4",
     "OMP_NUM_THREADS": "1",
+    "INPAINT_FETCH_ALLOW": ",".join(LOOPBACK),  # the webhook receiver listens on 127.0.0.1
 }
 
 
@@ -302,7 +303,9 @@ def test_recover_requeues_or_fails_what_a_crash_left_running(
             store.add(job)
         store.close()
 
-        server = make_server(data_dir=data, max_attempts=max_attempts, webhook_retry_base_s=0.1, max_batch_size=1)
+        server = make_server(
+            data_dir=data, max_attempts=max_attempts, webhook_retry_base_s=0.1, max_batch_size=1, fetch_allow=LOOPBACK
+        )
         ids = {name: job.id for name, job in jobs.items()}
         with httpx.Client(base_url=server.url, timeout=30) as client:
             bodies = {name: wait_all_completed(client, [job_id])[job_id] for name, job_id in ids.items()}

@@ -25,7 +25,7 @@ from tests.api.queue_ops import (
     wait_all_completed,
     wait_status,
 )
-from tests.live import GatedEngine
+from tests.live import LOOPBACK, GatedEngine
 from tests.webhook_receiver import HANG, Delivery, WebhookReceiver
 
 FAST_RETRIES = {"webhook_retry_base_s": 0.1, "webhook_retry_max_s": 1.0}
@@ -86,7 +86,7 @@ def test_failing_receiver_gets_exactly_one_successful_delivery_after_four_attemp
 ) -> None:
     """Three 500s, then 200: four attempts with doubling delays, one success, then nothing more."""
     receiver = receivers(script=(500, 500, 500))
-    server = make_server(api_keys=["hook-key"], **FAST_RETRIES)
+    server = make_server(api_keys=["hook-key"], fetch_allow=LOOPBACK, **FAST_RETRIES)
     headers = {"Authorization": "Key hook-key"}
     with httpx.Client(base_url=server.url, timeout=30, headers=headers) as client:
         request_id = submit(client, webhook=receiver.url, seed=21)
@@ -113,7 +113,7 @@ def test_failed_job_webhook_carries_the_error_status_and_body(
 ) -> None:
     """An input that passes the schema but is no image: ``ERROR``, ``Invalid status code: 422``, ``{detail}``."""
     receiver = receivers()
-    server = make_server(**FAST_RETRIES)
+    server = make_server(fetch_allow=LOOPBACK, **FAST_RETRIES)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         request_id = submit(client, webhook=receiver.url, image_url=data_uri(b"not an image"))
         wait_all_completed(client, [request_id])
@@ -140,7 +140,7 @@ def test_cancelled_jobs_send_an_error_webhook(
     gate = GatedEngine(engine)
     gate.hold = True
     try:
-        server = make_server(engine_override=gate, **FAST_RETRIES)
+        server = make_server(engine_override=gate, fetch_allow=LOOPBACK, **FAST_RETRIES)
         with httpx.Client(base_url=server.url, timeout=30) as client:
             running = submit(client, webhook=receiver.url, seed=1)
             assert gate.started.wait(30)
@@ -169,7 +169,7 @@ def test_hanging_receiver_never_delays_the_gpu_lane(
 ) -> None:
     """R15: while a delivery hangs, later jobs run and complete; the delivery then finishes on its own."""
     receiver = receivers(script=(HANG,))  # held open until the test releases it
-    server = make_server(webhook_timeout_s=60, **FAST_RETRIES)
+    server = make_server(webhook_timeout_s=60, fetch_allow=LOOPBACK, **FAST_RETRIES)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         first = submit(client, webhook=receiver.url, seed=1)
         receiver.wait_for(1)
@@ -188,7 +188,7 @@ def test_attempt_that_hangs_past_the_timeout_is_cut_off_and_retried(
 ) -> None:
     """R15: ``webhook_timeout_s`` bounds one attempt; the next attempt then delivers."""
     receiver = receivers(script=(HANG,))
-    server = make_server(webhook_timeout_s=0.5, **FAST_RETRIES)
+    server = make_server(webhook_timeout_s=0.5, fetch_allow=LOOPBACK, **FAST_RETRIES)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         request_id = submit(client, webhook=receiver.url, seed=1)
         assert wait_webhook_state(server, request_id, "delivered") == ("delivered", 2, None)
@@ -203,7 +203,9 @@ def test_attempts_stop_at_webhook_max_attempts(
 ) -> None:
     """R14: a receiver that always fails gets ``webhook_max_attempts`` attempts and no more."""
     receiver = receivers(default=503)
-    server = make_server(webhook_max_attempts=3, webhook_retry_base_s=0.05, webhook_retry_max_s=0.1)
+    server = make_server(
+        webhook_max_attempts=3, webhook_retry_base_s=0.05, webhook_retry_max_s=0.1, fetch_allow=LOOPBACK
+    )
     with httpx.Client(base_url=server.url, timeout=30) as client:
         request_id = submit(client, webhook=receiver.url, seed=1)
         assert wait_webhook_state(server, request_id, "failed") == ("failed", 3, "HTTP 503")
@@ -219,7 +221,7 @@ def test_pending_webhook_survives_a_restart_and_is_delivered_after_it(
     receiver = receivers(script=(500,))
     data_dir = tmp_path / "restart"
     clock = FakeClock(time.time() - 3600)  # never moves: this process's retry never falls due
-    first = make_server(data_dir=data_dir, clock=clock, webhook_retry_base_s=60)
+    first = make_server(data_dir=data_dir, clock=clock, webhook_retry_base_s=60, fetch_allow=LOOPBACK)
     with httpx.Client(base_url=first.url, timeout=30) as client:
         request_id = submit(client, webhook=receiver.url, seed=5)
         assert wait_webhook_state(first, request_id, "pending", attempts=1) == ("pending", 1, "HTTP 500")
@@ -229,7 +231,7 @@ def test_pending_webhook_survives_a_restart_and_is_delivered_after_it(
     assert [d.status for d in receiver.wait_for(1, answered=True)] == [500]
 
     receiver.epoch = 2
-    second = make_server(data_dir=data_dir, **FAST_RETRIES)
+    second = make_server(data_dir=data_dir, fetch_allow=LOOPBACK, **FAST_RETRIES)
     assert wait_webhook_state(second, request_id, "delivered") == ("delivered", 2, None)
     deliveries = receiver.wait_for(2, answered=True)
     assert [(d.epoch, d.status) for d in deliveries] == [(1, 500), (2, 200)]

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import box_mask, noise_image, png
-from tests.live import GatedEngine
+from tests.live import LOOPBACK, GatedEngine
 from tests.webhook_receiver import WebhookReceiver
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -259,7 +259,7 @@ def wire_status_codes(calls: list[dict[str, Any]]) -> set[tuple[str, int]]:
 def start(make_server, engine, **settings):
     gate = GatedEngine(engine)
     gate.hold = True
-    server = make_server(engine_override=gate, **settings)
+    server = make_server(engine_override=gate, fetch_allow=LOOPBACK, **settings)  # webhooks go to 127.0.0.1
     return server, gate
 
 

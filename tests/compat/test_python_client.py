@@ -41,7 +41,7 @@ from server.webhooks import verify_signature
 from tests.compat import python_scenarios as sc
 from tests.compat.certs import make_tls_files
 from tests.helpers import box_mask, noise_image, png
-from tests.live import LiveServer
+from tests.live import LOOPBACK, LiveServer
 from tests.webhook_receiver import WebhookReceiver
 
 KEY = "secret"
@@ -145,7 +145,7 @@ def http_target(
 
     def start(**settings: Any) -> Target:
         gate = SeedGate(engine)
-        server = make_server(engine_override=gate, api_keys=[KEY], **settings)
+        server = make_server(engine_override=gate, api_keys=[KEY], fetch_allow=LOOPBACK, **settings)
         monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", f"{server.url}/")
         monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", f"{server.url}/queue/")
         monkeypatch.setattr(fal_client.client, "REST_URL", server.url)
@@ -329,6 +329,7 @@ def test_tls_recipe_with_environment_variables_only(
         ssl_keyfile=tls.server_key,
         api_keys=[KEY],
         max_batch_size=1,
+        fetch_allow=LOOPBACK,  # the webhook receiver listens on 127.0.0.1
     )
     assert server.url.startswith("https://")
     args_file = tmp_path / "args.json"

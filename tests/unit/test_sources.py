@@ -112,6 +112,32 @@ def test_source_error_is_a_value_error():
     assert issubclass(SourceError, ValueError)
 
 
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 1000, 1001, 1002])
+def test_data_uri_cap_is_exact_for_base64(size):
+    uri = "data:image/png;base64," + base64.b64encode(bytes(size)).decode()
+    assert sources.data_uri_min_bytes(uri) == size
+    assert read_data_uri(uri, max_bytes=size) == bytes(size)
+    if size:
+        with pytest.raises(sources.DataUriTooLarge):
+            read_data_uri(uri, max_bytes=size - 1)
+
+
+def test_data_uri_over_the_cap_is_refused_before_decoding(monkeypatch):
+    uri = "data:image/png;base64," + "A" * 4_000_000
+    monkeypatch.setattr(sources.base64, "b64decode", lambda *a, **k: pytest.fail("decoded"))
+    monkeypatch.setattr(sources, "unquote_to_bytes", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(sources.DataUriTooLarge, match="larger than 1000 bytes"):
+        read_data_uri(uri, max_bytes=1000)
+    with pytest.raises(sources.DataUriTooLarge):
+        read_data_uri("data:," + "a" * 4000, max_bytes=1000)
+
+
+def test_percent_encoded_data_uri_is_checked_after_decoding_too():
+    assert read_data_uri("data:," + "%41" * 1000, max_bytes=1000) == b"A" * 1000
+    with pytest.raises(sources.DataUriTooLarge):
+        read_data_uri("data:," + "%41" * 999 + "ab", max_bytes=1000)
+
+
 # ---------------------------------------------------------------------------------------------
 # local paths
 
