@@ -13,12 +13,8 @@ and moves on -> encoding and file writes -> terminal state and webhook committed
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import logging
-import os
 import secrets
-import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -27,19 +23,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines import Embedding, InpaintRequest
-from pipelines.encode import CONTENT_TYPES, encode_image
 from pipelines.errors import EngineError, GpuFatalError, InputError, RequestCancelled
 
 from .engine_host import EngineHost
 from .errors import AlreadyCompleted, Draining, EngineUnavailable, IdempotencyKeyReused, NotFound, job_error
 from .fetch import FetchGuard
 from .files import FileStore
+from .gpu_exit import EXIT_GPU_FAULT, GpuHung, exit_for_restart
 from .inputs import InputFetcher, InputFetchError, image_size_of_json, slim_input
 from .job_queue import JobQueue
 from .jobs import Job, JobState
 from .limits import RequestLimits
 from .metrics import Metrics
 from .redact import public_message
+from .results import InlineResults, encode_output
 from .settings import Settings
 from .store import JobStore, WebhookRow
 from .webhooks import WebhookSender, webhook_body
@@ -47,25 +44,6 @@ from .webhooks import WebhookSender, webhook_body
 log = logging.getLogger("inpaint-server.jobs")
 
 TERMINAL_CACHE = 5000  # finished jobs kept in memory for fast status polls
-INLINE_BUDGET = 256 * 1024 * 1024  # bytes of sync_mode results (data URIs) held in memory at most
-# GPU faults: the exit status after a fatal GPU error or a watchdog timeout. 75 is EX_TEMPFAIL
-# (sysexits.h: a temporary failure, try again), distinct from 1 (a crash), 2 (bad usage) and 3
-# (uvicorn: could not start). Any supervisor that restarts on failure restarts the server.
-EXIT_GPU_FAULT = 75
-
-
-class GpuHung(Exception):
-    """The running batch reported no progress for ``step_timeout_s`` (the watchdog)."""
-
-
-def exit_for_restart(code: int) -> None:
-    """End the process at once. Not a normal shutdown: the GPU thread may be hung (a normal exit joins it
-    forever) and cleanup code touching a broken CUDA context can fail or hang. The store is consistent
-    before this is called (SQLite commits are durable), so nothing acknowledged is lost."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
 
 
 @dataclass
@@ -107,9 +85,7 @@ class JobService:
         self.queue = JobQueue()
         self.active: dict[str, Job] = {}  # queued and running
         self.finished: OrderedDict[str, Job] = OrderedDict()
-        # sync_mode results (data URIs): in memory only, never on disk, oldest dropped past INLINE_BUDGET.
-        self.inline_results: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
-        self._inline_bytes = 0
+        self.inline_results = InlineResults()
         self._prep: dict[str, asyncio.Task[_Prepared]] = {}
         self._queue_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -273,25 +249,11 @@ class JobService:
         return self.queue.position(job.id)
 
     def result_of(self, job: Job) -> dict[str, Any] | None:
-        if job.result is not None:
-            return job.result
-        held = self.inline_results.get(job.id)
-        return None if held is None else held[1]
+        return job.result if job.result is not None else self.inline_results.output(job.id)
 
     def release_inline(self, job_id: str) -> None:
         """Forget a sync_mode result (a sync run has returned it to its caller, or it expired)."""
-        held = self.inline_results.pop(job_id, None)
-        if held is not None:
-            self._inline_bytes -= held[0]
-
-    def _hold_inline(self, job: Job, output: dict[str, Any]) -> None:
-        size = sum(len(image["url"]) for image in output["images"])
-        self.inline_results[job.id] = (size, output)
-        self._inline_bytes += size
-        while self._inline_bytes > INLINE_BUDGET and len(self.inline_results) > 1:
-            old_id, (old_size, _) = self.inline_results.popitem(last=False)
-            self._inline_bytes -= old_size
-            log.info("request %s: inline (sync_mode) result dropped from memory to stay under budget", old_id)
+        self.inline_results.release(job_id)
 
     def cancel(self, job: Job) -> None:
         """Cancel a queued job (it never runs) or ask a running one to stop at its next step."""
@@ -564,48 +526,18 @@ class JobService:
                 message = getattr(result.error, "message", None) or str(result.error)
                 self._finish_now(job, result.error.error_type, message, field)
             else:
-                output = await asyncio.to_thread(self._encode, job, result)
+                output = await asyncio.to_thread(encode_output, job, result, self.files)
                 self._succeed(job, output, result.timings)
         except Exception:
             log.exception("finalizing request %s failed", job.id)
             if not job.state.is_terminal():
                 self._finish_now(job, "internal_error", "the result could not be saved")
 
-    def _encode(self, job: Job, result: Any) -> dict[str, Any]:
-        fmt = job.input.get("format", "jpeg")
-        images = []
-        for k, image in enumerate(result.images):
-            data = encode_image(image, fmt)
-            name = f"{k}.{fmt}"
-            if job.sync_mode:
-                url = f"data:{CONTENT_TYPES[fmt]};base64,{base64.b64encode(data).decode()}"
-            else:
-                self.files.write_result(job.id, name, data)
-                job.files.append(name)
-                url = f"{job.base_url}/files/{job.id}/{name}"
-            images.append(
-                {
-                    "url": url,
-                    "content_type": CONTENT_TYPES[fmt],
-                    "file_name": name,
-                    "file_size": len(data),
-                    "width": image.width,
-                    "height": image.height,
-                }
-            )
-        return {
-            "images": images,
-            "timings": result.timings,
-            "seed": result.seed,
-            "has_nsfw_concepts": result.has_nsfw_concepts,
-            "prompt": result.prompt,
-        }
-
     def _succeed(self, job: Job, output: dict[str, Any], timings: dict[str, float]) -> None:
         now = self.clock()
         job.inference_time = timings.get("inference")
         if job.sync_mode:
-            self._hold_inline(job, output)
+            self.inline_results.hold(job.id, output)
         else:
             job.result = output
         for stage, seconds in timings.items():

@@ -29,8 +29,8 @@ import pytest
 from pipelines.fault_injection import ENV_VAR, FaultInjector, FaultPoint
 from pipelines.tiny import tiny_cache_dir
 from server.app import create_app
+from server.gpu_exit import EXIT_GPU_FAULT
 from server.jobs import Job, JobState
-from server.service import EXIT_GPU_FAULT
 from server.settings import load_settings
 from server.store import JobStore
 from tests.api.queue_ops import (

@@ -8,7 +8,7 @@ import threading
 import httpx
 import pytest
 
-from server import service as service_module
+from server import results as results_module
 from server.metrics import Metrics
 from server.store import JobStore
 from server.webhooks import WebhookSender
@@ -97,7 +97,7 @@ def test_sync_run_keeps_no_inline_result_and_queue_results_stay_under_a_byte_bud
         first = submit(client, HYPER, sync_mode=True)["request_id"]
         wait_for(client, HYPER, first)
         size = service.inline_results[first][0]
-        monkeypatch.setattr(service_module, "INLINE_BUDGET", size + 1)
+        monkeypatch.setattr(results_module, "INLINE_BUDGET", size + 1)
         second = submit(client, HYPER, sync_mode=True)["request_id"]
         wait_for(client, HYPER, second)
         base = f"/queue/{endpoint(HYPER)}/requests"
