@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,7 +126,9 @@ def default_config_dir() -> Path:
     source_tree = Path(__file__).resolve().parent.parent / "configs"
     if source_tree.is_dir():  # running from a checkout
         return source_tree
-    return Path(str(resources.files("pipelines.configs")))  # installed wheel
+    # Installed wheel: configs/ ships as the data folder pipelines/configs (a namespace package, so
+    # importlib.resources would hand back a MultiplexedPath rather than a real path).
+    return Path(__file__).resolve().parent / "configs"
 
 
 def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
