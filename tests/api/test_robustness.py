@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
+import time
 
 import httpx
 import pytest
@@ -150,3 +152,33 @@ def test_one_upload_url_accepts_exactly_one_put_even_when_two_race(tmp_path) -> 
     assert store.claim_upload("tok-123456")
     store.set_upload_size("tok-123456", 8)
     assert not store.claim_upload("tok-123456")
+
+
+def test_the_gpu_lane_never_runs_two_batches_at_once(make_server, engine) -> None:
+    """R12: with many concurrent submits, engine.run calls never overlap (one GPU worker per device)."""
+
+    class Recording:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+            self.spans: list[tuple[float, float]] = []
+
+        def __getattr__(self, name: str):
+            return getattr(self.inner, name)
+
+        def run(self, *args, **kwargs):
+            start = time.monotonic()
+            try:
+                return self.inner.run(*args, **kwargs)
+            finally:
+                self.spans.append((start, time.monotonic()))
+
+    recording = Recording(engine)
+    server = make_server(engine_override=recording, max_batch_size=2)
+    with client_for(server) as client:
+        ids = [submit(client, LIGHTNING, seed=n)["request_id"] for n in range(10)]
+        for rid in ids:
+            wait_for(client, LIGHTNING, rid)
+    spans = sorted(recording.spans)
+    assert len(spans) >= 5  # 10 requests, at most 2 per batch
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end, spans

@@ -101,6 +101,9 @@ def test_embedding_changes_the_image_and_leaves_no_trace(engine, pipe, widths, m
     (again,) = engine.run([request([Embedding(data=maker(widths), tokens=["<s0>", "<s1>"])])])
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(with_ti.images[0]))
     assert_unchanged(pipe, before)
+    # R20: a plain request after one with an embedding, same seed, equals the plain run before it.
+    (plain_after,) = engine.run([request()])
+    assert np.array_equal(np.asarray(plain_after.images[0]), np.asarray(plain.images[0]))
 
 
 def test_single_token_for_several_vectors(engine, pipe, widths):

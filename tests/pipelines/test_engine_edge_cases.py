@@ -1,0 +1,57 @@
+"""Reliability cases M4 (all-white mask) and M11 (odd prompts) through the real engine on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.types import InpaintRequest
+from tests.helpers import noise_image
+
+SIZE = (64, 48)
+
+
+def _request(mask: Image.Image, prompt: str = "a red door", **kw) -> InpaintRequest:
+    return InpaintRequest(
+        app_id="fal-ai/fast-lightning-sdxl/inpainting",
+        image=noise_image(*SIZE, seed=11),
+        mask=mask,
+        prompt=prompt,
+        steps=2,
+        seed=7,
+        image_size=SIZE,
+        enable_safety_checker=False,
+        request_id="edge",
+        **kw,
+    )
+
+
+def test_all_white_mask_regenerates_the_whole_frame(engine) -> None:
+    """M4: white everywhere means repaint everything: the UNet runs and (almost) every pixel changes."""
+    (result,) = engine.run([_request(Image.new("L", SIZE, 255), strength=1.0)])
+    assert result.error is None and "inference" in result.timings and result.timings["inference"] > 0
+    before = np.asarray(noise_image(*SIZE, seed=11), dtype=np.int16)
+    after = np.asarray(result.images[0], dtype=np.int16)
+    changed = np.any(before != after, axis=-1).mean()
+    assert changed > 0.95, changed
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "",  # empty prompts are allowed
+        " ".join(["a very long prompt about a red door"] * 40),  # far past CLIP's 77 tokens: truncated
+        "a door\x00with a NUL byte",
+        "باب أحمر 🚪 דלת אדומה ✨",  # right-to-left scripts and emoji
+    ],
+    ids=["empty", "over-77-tokens", "nul", "rtl-emoji"],
+)
+def test_odd_prompts_are_served_not_500(engine, prompt: str) -> None:
+    """M11: no error for empty, overlong, NUL or RTL/emoji prompts; the prompt is echoed as given."""
+    mask = Image.new("L", SIZE, 0)
+    mask.paste(255, (16, 12, 48, 36))
+    (result,) = engine.run([_request(mask, prompt=prompt)])
+    assert result.error is None, result.error
+    assert result.prompt == prompt
+    assert result.images[0].size == SIZE
