@@ -82,3 +82,26 @@ def test_operations_and_generated_files_need_no_key(server) -> None:
         assert httpx.get(f"{server.url}{url}").status_code == 200, url
     image = httpx.get(file_url)
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+
+
+def test_keys_are_compared_in_constant_time_on_bytes_against_every_key(monkeypatch) -> None:
+    """S13: hmac.compare_digest on bytes, and every configured key is compared (no early exit)."""
+    import hmac
+
+    from server import auth
+
+    calls: list[tuple[type, type]] = []
+    real = hmac.compare_digest
+
+    def recording(a, b):
+        calls.append((type(a), type(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", recording)
+    keys = auth.KeyAuth([KEY_A, KEY_B, "third"])
+    assert keys.owner(f"Key {KEY_A}") == auth.owner_id(KEY_A.encode())
+    assert calls == [(bytes, bytes)] * 3  # the first key matched, the other two were still compared
+    calls.clear()
+    with pytest.raises(auth.Unauthorized):
+        keys.owner("Key nope")
+    assert calls == [(bytes, bytes)] * 3

@@ -319,3 +319,33 @@ def test_refusals_for_bad_input_are_never_429(make_server) -> None:
             assert client.post(f"/queue/{LIGHTNING}", json=inpaint_input(num_images=2)).status_code == 422
             assert client.post(f"/queue/{LIGHTNING}", json=inpaint_input(prompt="x" * 70_000)).status_code == 413
         assert submit(client, LIGHTNING)["status"] == "IN_QUEUE"
+
+
+def test_embedding_files_are_capped_and_must_be_safetensors(make_server) -> None:
+    """S18: an embedding data URI over the byte cap is refused before decoding; a pickle is never loaded."""
+    import base64
+    import io
+    import pickle
+
+    from tests.api.fal_wire import LIGHTNING, client_for, inpaint_input, wait_for
+
+    server = make_server(input_max_bytes=32768)  # room for the 64x48 noise PNG
+    with client_for(server) as client:
+        big = "data:application/octet-stream;base64," + base64.b64encode(b"\0" * 65536).decode()
+        refused = client.post(f"/queue/{LIGHTNING}", json=inpaint_input(embeddings=[{"path": big}]))
+        assert refused.status_code == 413, refused.text
+        assert "embeddings.0.path" in refused.json()["detail"]
+
+        class Boom:
+            def __reduce__(self):
+                return (exec, ("raise SystemExit('pickle executed')",))
+
+        buf = io.BytesIO()
+        pickle.dump({"clip_l": Boom()}, buf)
+        pickled = "data:application/octet-stream;base64," + base64.b64encode(buf.getvalue()).decode()
+        rid = client.post(f"/queue/{LIGHTNING}", json=inpaint_input(embeddings=[{"path": pickled}])).json()[
+            "request_id"
+        ]
+        body = wait_for(client, LIGHTNING, rid)
+        assert body["error_type"] == "invalid_input" and "embeddings" in body["error"]
+        assert client.get("/health/live").status_code == 200  # the process is alive: nothing was unpickled
