@@ -243,3 +243,26 @@ def test_jobs_queued_while_loading_fail_when_the_load_fails(tmp_path: Path) -> N
     finally:
         live.server.should_exit = True
         thread.join(30)
+
+
+def test_ready_waits_for_the_warm_up_too(engine, tmp_path: Path) -> None:
+    """R17: loaded is not ready: /health/ready is 503 ("warming") until the warm-up requests have run."""
+    from tests.live import GatedEngine
+
+    gate = GatedEngine(engine)
+    gate.hold = True  # the first warm-up request stops after its first step
+    app = create_app(load_settings({"data_dir": tmp_path / "data", "warmup": True}), engine=gate)
+    live, thread = _serve_without_waiting(app)
+    try:
+        with client_for(live) as client:
+            assert gate.started.wait(30)
+            warming = client.get("/health/ready")
+            assert warming.status_code == 503 and warming.json()["status"] == "warming"
+            gate.hold = False
+            gate.release.set()
+            poll_until(lambda: client.get("/health/ready").status_code == 200, what="warm-up to finish")
+            assert len(gate.batches) == len(engine.variants)  # one warm-up request per loaded variant
+    finally:
+        gate.release.set()
+        live.server.should_exit = True
+        thread.join(30)

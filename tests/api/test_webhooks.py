@@ -252,3 +252,22 @@ def test_webhook_url_must_be_http(make_server: Callable[..., Any]) -> None:
         )
     assert answer.status_code == 400
     assert answer.json()["error_type"] == "bad_request"
+
+
+def test_receiver_refusing_connections_does_not_touch_jobs_or_cancel(make_server: Callable[..., Any]) -> None:
+    """R14: a receiver that is down (connection refused) is retried to the limit; jobs and cancel are unaffected."""
+    from tests.live import free_port
+
+    down = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens here
+    server = make_server(
+        webhook_max_attempts=3, webhook_retry_base_s=0.05, webhook_retry_max_s=0.1, fetch_allow=LOOPBACK
+    )
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        request_id = submit(client, webhook=down, seed=1)
+        cancelled = submit(client, webhook=down, seed=2)
+        cancel = client.put(requests_url(cancelled, "/cancel"))
+        assert cancel.status_code in (202, 400)  # queued or already done: either way the API answers at once
+        state, attempts, error = wait_webhook_state(server, request_id, "failed")
+        assert (state, attempts) == ("failed", 3) and "ConnectError" in error
+        assert "error" not in wait_status(client, request_id, "COMPLETED")
+        assert wait_status(client, cancelled, "COMPLETED")["status"] == "COMPLETED"

@@ -55,3 +55,24 @@ def test_odd_prompts_are_served_not_500(engine, prompt: str) -> None:
     assert result.error is None, result.error
     assert result.prompt == prompt
     assert result.images[0].size == SIZE
+
+
+def test_a_4096_square_input_is_processed_at_the_working_size(engine, small_work) -> None:
+    """M10: a large input within limits works at the engine's working resolution and keeps its own size."""
+    big = (4096, 4096)
+    mask = Image.new("L", big, 0)
+    mask.paste(255, (1024, 1024, 3072, 3072))
+    request = InpaintRequest(
+        app_id="fal-ai/fast-lightning-sdxl/inpainting",
+        image=noise_image(*big, seed=3),
+        mask=mask,
+        prompt="a red door",
+        steps=1,
+        seed=1,
+        enable_safety_checker=False,
+        request_id="big",
+    )
+    prepared = engine.prepare(request)
+    assert prepared.inputs.work_size[0] * prepared.inputs.work_size[1] <= 2 * engine.work_pixels
+    (result,) = engine.run([prepared])
+    assert result.error is None and result.images[0].size == big
