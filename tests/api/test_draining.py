@@ -11,7 +11,6 @@ the same :class:`server.draining.DrainingServer` over a held engine, to check ea
 
 from __future__ import annotations
 
-import shutil
 import signal
 import threading
 import time
@@ -22,7 +21,6 @@ from typing import Any
 import httpx
 import pytest
 
-from pipelines.tiny import tiny_cache_dir
 from server.app import create_app
 from server.draining import DrainingServer
 from server.jobs import Job, JobState
@@ -44,14 +42,6 @@ from tests.live import GatedEngine, LiveServer, ServerProcess
 SERVER_ARGS = ["--models", "tiny", "--app", "fast-lightning-sdxl:4"]
 SERVER_ENV = {"INPAINT_WARMUP": "false", "INPAINT_MAX_BATCH_SIZE": "1", "OMP_NUM_THREADS": "1"}
 ABANDONED = "The server shut down before this request finished"
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, tiny_cache: Path) -> Path:
-    """A data directory that already holds the tiny models (no generation at server start)."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_cache, tiny_cache_dir(data), symlinks=True)
-    return data
 
 
 @pytest.fixture

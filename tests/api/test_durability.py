@@ -7,7 +7,6 @@ The restart tests run ``inpaint-server serve --models tiny`` as a subprocess on 
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import threading
 import time
@@ -20,7 +19,6 @@ from typing import Any
 import httpx
 import pytest
 
-from pipelines.tiny import tiny_cache_dir
 from server.jobs import Job, JobState
 from server.schemas import input_model
 from server.store import JobStore
@@ -52,14 +50,6 @@ SERVER_ENV = {
     "OMP_NUM_THREADS": "1",
     "INPAINT_FETCH_ALLOW": ",".join(LOOPBACK),  # the webhook receiver listens on 127.0.0.1
 }
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, tiny_cache: Path) -> Path:
-    """A data directory that already holds the tiny models (no generation at server start)."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_cache, tiny_cache_dir(data), symlinks=True)
-    return data
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ subprocess servers (``inpaint-server serve --models tiny``) get them from ``INPA
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -27,7 +26,6 @@ import httpx
 import pytest
 
 from pipelines.fault_injection import ENV_VAR, FaultInjector, FaultPoint
-from pipelines.tiny import tiny_cache_dir
 from server.app import create_app
 from server.gpu_exit import EXIT_GPU_FAULT
 from server.jobs import Job, JobState
@@ -227,14 +225,6 @@ def test_watchdog_marks_the_server_not_ready_and_leaves_the_job_for_the_restart(
 
 
 # ---------------------------------------------------------------------- subprocess servers: real exits
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, tiny_cache: Path) -> Path:
-    """A data directory that already holds the tiny models (no generation at server start)."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_cache, tiny_cache_dir(data), symlinks=True)
-    return data
 
 
 @pytest.fixture
