@@ -260,12 +260,7 @@ class JobService:
         if job.state.is_terminal():
             raise AlreadyCompleted("already completed", request_id=job.id)
         if job.state is JobState.QUEUED:
-            self.queue.remove(job.id)
-            task = self._prep.pop(job.id, None)
-            if task is not None:
-                task.cancel()
-            self._finish_now(job, "cancelled", "the request was cancelled before it started")
-            self._queue_changed.set()
+            self._fail_queued(job, "cancelled", "the request was cancelled before it started")
             return
         if not job.cancel_requested:
             job.cancel_requested = True
@@ -292,8 +287,7 @@ class JobService:
         if engine is None:  # the models did not load: say so to every waiting request, now and later
             while True:
                 for job_id in self.queue.head(len(self.queue)):
-                    self.queue.remove(job_id)
-                    self._finish_now(self.active[job_id], "engine_unavailable", self._unavailable())
+                    self._fail_queued(self.active[job_id], "engine_unavailable", self._unavailable())
                 self._queue_changed.clear()
                 await self._queue_changed.wait()
         while True:
@@ -326,10 +320,7 @@ class JobService:
             return
         prep = task.result()
         if prep.error is not None:
-            self.queue.remove(head_id)
-            self._prep.pop(head_id, None)
-            error_type, message, field = prep.error
-            self._finish_now(head, error_type, message, field)
+            self._fail_queued(head, *prep.error)
             return
         if self._timed_out(head):
             return
@@ -603,11 +594,7 @@ class JobService:
             for job_id in self.queue.head(len(self.queue)):
                 job = self.active[job_id]
                 if job.sync:
-                    self.queue.remove(job_id)
-                    task = self._prep.pop(job_id, None)
-                    if task is not None:
-                        task.cancel()
-                    self._finish_now(job, "draining", "the server is shutting down; this run did not start, retry it")
+                    self._fail_queued(job, "draining", "the server is shutting down; this run did not start, retry it")
             self._queue_changed.set()
         deadline = time.monotonic() + grace_s
         try:
@@ -637,15 +624,19 @@ class JobService:
 
     # ------------------------------------------------------------------ clocks and housekeeping
 
+    def _fail_queued(self, job: Job, error_type: str, message: str, field: str | None = None) -> None:
+        """Take a job that has not started out of the queue (dropping its input look-ahead) and fail it."""
+        self.queue.remove(job.id)
+        task = self._prep.pop(job.id, None)
+        if task is not None:
+            task.cancel()
+        self._finish_now(job, error_type, message, field)
+        self._queue_changed.set()
+
     def _timed_out(self, job: Job) -> bool:
         """Fail a queued job whose start deadline (X-Fal-Request-Timeout) has passed."""
         if job.state is JobState.QUEUED and job.start_deadline is not None and self.clock() >= job.start_deadline:
-            self.queue.remove(job.id)
-            task = self._prep.pop(job.id, None)
-            if task is not None:
-                task.cancel()
-            self._finish_now(job, "request_timeout", "the request did not start before its start timeout")
-            self._queue_changed.set()
+            self._fail_queued(job, "request_timeout", "the request did not start before its start timeout")
             return True
         return False
 

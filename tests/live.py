@@ -89,6 +89,12 @@ def wait_ready(url: str, timeout: float = 60.0, verify: bool | str = True) -> No
         time.sleep(0.05)
 
 
+# For ``serve`` subprocesses in tests: no warm-up (fast start), one request per batch (queue order is run
+# order), one torch thread (a server next to the test process on a small, busy machine slows down many times
+# over with more).
+SUBPROCESS_ENV = {"INPAINT_WARMUP": "false", "INPAINT_MAX_BATCH_SIZE": "1", "OMP_NUM_THREADS": "1"}
+
+
 class ServerProcess:
     """``inpaint-server serve`` as a child process (for restarts and ``kill -9``)."""
 

@@ -37,10 +37,10 @@ from tests.api.queue_ops import (
     wait_all_completed,
     wait_status,
 )
-from tests.live import GatedEngine, LiveServer, ServerProcess
+from tests.live import SUBPROCESS_ENV, GatedEngine, LiveServer, ServerProcess
 
 SERVER_ARGS = ["--models", "tiny", "--app", "fast-lightning-sdxl:4"]
-SERVER_ENV = {"INPAINT_WARMUP": "false", "INPAINT_MAX_BATCH_SIZE": "1", "OMP_NUM_THREADS": "1"}
+SERVER_ENV = SUBPROCESS_ENV
 ABANDONED = "The server shut down before this request finished"
 
 

@@ -37,17 +37,13 @@ from tests.api.queue_ops import (
     wait_all_completed,
     wait_status,
 )
-from tests.live import LOOPBACK, ServerProcess
+from tests.live import LOOPBACK, SUBPROCESS_ENV, ServerProcess
 from tests.webhook_receiver import HANG, WebhookReceiver
 
-# One request at a time on the lane, so the order jobs start in is the queue order. Only the variant the
-# tests use, to start fast. One torch thread: a server next to the test process on a small, busy
-# machine slows down many times over with more.
+# Only the variant the tests use, to start fast (see SUBPROCESS_ENV for the rest).
 SERVER_ENV = {
-    "INPAINT_WARMUP": "false",
-    "INPAINT_MAX_BATCH_SIZE": "1",
+    **SUBPROCESS_ENV,
     "INPAINT_APPS": "fast-lightning-sdxl:4",
-    "OMP_NUM_THREADS": "1",
     "INPAINT_FETCH_ALLOW": ",".join(LOOPBACK),  # the webhook receiver listens on 127.0.0.1
 }
 

@@ -40,15 +40,10 @@ from tests.api.queue_ops import (
     wait_all_completed,
     wait_status,
 )
-from tests.live import REPO, LiveServer, ServerProcess
+from tests.live import REPO, SUBPROCESS_ENV, LiveServer, ServerProcess
 
 # As in test_durability: one request per batch (so a poison job runs alone), one variant, one torch thread.
-SERVER_ENV = {
-    "INPAINT_WARMUP": "false",
-    "INPAINT_MAX_BATCH_SIZE": "1",
-    "INPAINT_APPS": "fast-lightning-sdxl:4",
-    "OMP_NUM_THREADS": "1",
-}
+SERVER_ENV = {**SUBPROCESS_ENV, "INPAINT_APPS": "fast-lightning-sdxl:4"}
 
 
 # ---------------------------------------------------------------------- in-process servers
