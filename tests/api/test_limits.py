@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import select
 import socket
 import struct
 import zlib
@@ -44,7 +45,14 @@ def _raw_exchange(server: LiveServer, head: bytes, body: Iterable[bytes] = ()) -
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(head)
         for chunk in body:
-            sock.sendall(chunk)
+            # Stop sending once the server has answered (or hung up): writing on would race its close and
+            # could turn the answer into a reset before we read it.
+            if select.select([sock], [], [], 0)[0]:
+                break
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
         received = b""
         try:
             while data := sock.recv(65536):
