@@ -374,6 +374,7 @@ class Engine:
         ]
         with self._vocab_lock, textual_inversion(pipe, group[0].embedding if len(group) == 1 else None):
             embeds, pooled = pipe.encode_prompts(per_image_prompts)
+            cut = [pipe.truncated_text(prompt) for prompt in prompts]
         _sync(device)
         timings["text_encoding"] = time.perf_counter() - clock
 
@@ -422,9 +423,18 @@ class Engine:
         clock = time.perf_counter()
         outputs: list[list[Image.Image]] = [[] for _ in group]
         bad: set[int] = set()
+        redecoded: set[int] = set()  # requests with an image that needed the fp32 decode
         if rows:
             self._fault_point("decode", group, pipe)
-            decoded, finite = pipe.decode(latents)
+            decoded, usable = pipe.decode(latents)
+            retry = [k for k, ok in enumerate(usable) if not ok]
+            if retry:  # NaN/inf or all black: decode those rows again in fp32 before giving up on them
+                log.warning("VAE decode: NaN/inf or a black frame in %d image(s); decoding again in fp32", len(retry))
+                again, usable_again = pipe.decode(latents[retry], upcast=True)
+                for n, k in enumerate(retry):
+                    if usable_again[n]:
+                        decoded[k], usable[k] = again[n], True
+                        redecoded.add(image_of[rows[k]])
             # Non-finite rows are reported as errors below; zero them so the cast has nothing undefined.
             decoded = decoded.float().nan_to_num(0.0, 0.0, 0.0)
             pixels = (decoded.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
@@ -432,7 +442,7 @@ class Engine:
             clock = time.perf_counter()
             for k, row in enumerate(rows):
                 j = image_of[row]
-                if not finite[k]:
+                if not usable[k]:
                     bad.add(j)
                     continue
                 generated = Image.fromarray(pixels[k], mode="RGB")
@@ -457,17 +467,28 @@ class Engine:
             result = InpaintResult(
                 request_id=p.request_id, seed=p.seed, prompt=prompt, timings=_round({**p.timings, **timings})
             )
+            if j in redecoded:
+                result.warnings.append("The VAE decode overflowed in reduced precision; the image was decoded in fp32")
+            if cut[j]:
+                limit = pipe.tokenizer.model_max_length
+                result.warnings.append(
+                    f"The prompt is longer than CLIP's {limit} tokens; this part was ignored: {_clip(cut[j])!r}"
+                )
             if j in cancelled:
                 result.error = RequestCancelled(f"request {p.request_id} was cancelled")
             elif j in bad:
                 result.error = NonFiniteOutputError(
-                    "the VAE decode produced NaN/inf values (fp16 overflow); no image was returned"
+                    "the VAE decode produced NaN/inf values or a black frame, also in fp32; no image was returned"
                 )
             else:
                 result.images = outputs[j]
                 result.has_nsfw_concepts = flags[j]
             results.append(result)
         return results
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _round(timings: dict[str, Any]) -> dict[str, float]:

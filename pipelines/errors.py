@@ -33,9 +33,9 @@ class InputError(EngineError, ValueError):
 
 
 class NonFiniteOutputError(EngineError):
-    """The VAE decode produced NaN or infinite values (the fp16 overflow failure mode)."""
+    """The VAE decode produced NaN/inf values or an all-black frame, even when decoded again in fp32."""
 
-    error_type = "nonfinite_output"
+    error_type = "nan_output"
 
 
 class RequestCancelled(EngineError):

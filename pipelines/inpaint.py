@@ -55,6 +55,26 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
         )
         return embeds, pooled
 
+    def truncated_text(self, prompt: str) -> str | None:
+        """The part of ``prompt`` CLIP cannot see (past ``model_max_length`` tokens), or None.
+
+        ``encode_prompt`` truncates silently apart from a library log line; this computes the same
+        cut (as diffusers does: the tokens between the limit and the end-of-text token) so it can be
+        reported to the user. Both SDXL tokenizers split text the same way; the first decides.
+        """
+        tokenizer = self.tokenizer if self.tokenizer is not None else self.tokenizer_2
+        limit = tokenizer.model_max_length
+        try:
+            encoded = tokenizer(prompt, truncation=False, add_special_tokens=True, return_offsets_mapping=True)
+        except NotImplementedError:  # a slow tokenizer: no offsets, so decode the tokens instead
+            ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+            return tokenizer.decode(ids[limit - 1 : -1]) if len(ids) > limit else None
+        if len(encoded.input_ids) <= limit:
+            return None
+        # The last slot holds the end-of-text token, so the first token CLIP drops is at limit - 1;
+        # its character offset gives the ignored text as the user wrote it.
+        return prompt[encoded.offset_mapping[limit - 1][0] :].strip()
+
     def _time_ids(self, height: int, width: int, batch: int, dtype: torch.dtype) -> torch.Tensor:
         size = (height, width)
         ids, _ = self._get_add_time_ids(
@@ -165,10 +185,26 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
         return latents, rows
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
-        """VAE decode to [0, 1] images (B, 3, H, W) and, per image, whether every value is finite."""
+    def decode(self, latents: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, list[bool]]:
+        """VAE decode to [0, 1] images (B, 3, H, W) and, per image, whether it is usable.
+
+        Unusable means a NaN/inf value anywhere, or a frame that is black everywhere (what an
+        overflowing half-precision decode turns into once clamped). ``upcast`` decodes in fp32 (the
+        VAE is cast up for the call and back afterwards; both casts are exact), which is the cure for
+        a half-precision overflow.
+        """
         vae = self.vae
-        scaled = latents.to(vae.dtype) / vae.config.scaling_factor
-        image = vae.decode(scaled, return_dict=False)[0]
-        finite = torch.isfinite(image.flatten(1)).all(dim=1).tolist()
-        return (image.float() / 2 + 0.5).clamp(0, 1), finite
+        dtype = vae.dtype
+        if upcast and dtype != torch.float32:
+            vae.to(torch.float32)
+        try:
+            scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+            image = vae.decode(scaled, return_dict=False)[0]
+        finally:
+            if vae.dtype != dtype:
+                vae.to(dtype)
+        flat = image.flatten(1)
+        # Black after the [-1, 1] -> [0, 255] conversion: every value below half a grey level.
+        lit = (flat.float() >= -1 + 1 / 255).any(dim=1)
+        usable = (torch.isfinite(flat).all(dim=1) & lit).tolist()
+        return (image.float() / 2 + 0.5).clamp(0, 1), usable

@@ -58,6 +58,8 @@ class InpaintResult:
     prompt: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     error: EngineError | None = None
+    # Things the user should know that did not stop the request (a truncated prompt...).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -25,7 +25,7 @@ STATUS_FOR_ERROR_TYPE = {
     "request_timeout": 504,
     "draining": 503,
     "interrupted": 500,
-    "nonfinite_output": 500,
+    "nan_output": 500,
     "gpu_oom": 500,  # not 503/504: clients retry those, and the same request would run out of memory again
     "engine_error": 500,
     "engine_unavailable": 500,

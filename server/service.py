@@ -508,6 +508,8 @@ class JobService:
 
     async def _finalize(self, job: Job, result: Any) -> None:
         try:
+            for warning in getattr(result, "warnings", None) or ():
+                job.add_log(warning, "WARN", self.clock())
             if result is None:
                 self._finish_now(job, "engine_error", "the engine returned no result for this request")
             elif job.cancel_requested or isinstance(result.error, RequestCancelled):

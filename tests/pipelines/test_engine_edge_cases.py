@@ -41,7 +41,7 @@ def test_all_white_mask_regenerates_the_whole_frame(engine) -> None:
     "prompt",
     [
         "",  # empty prompts are allowed
-        " ".join(["a very long prompt about a red door"] * 40),  # far past CLIP's 77 tokens: truncated
+        " ".join(f"red door {i}" for i in range(300)),  # far past CLIP's 77 tokens: truncated
         "a door\x00with a NUL byte",
         "باب أحمر 🚪 דלת אדומה ✨",  # right-to-left scripts and emoji
     ],
@@ -55,6 +55,14 @@ def test_odd_prompts_are_served_not_500(engine, prompt: str) -> None:
     assert result.error is None, result.error
     assert result.prompt == prompt
     assert result.images[0].size == SIZE
+    # Only the overlong prompt is reported as truncated, naming the words CLIP never saw.
+    if prompt.count(" ") > 77:
+        (warning,) = result.warnings
+        assert "77 tokens" in warning
+        ignored = warning.split("ignored: ", 1)[1].strip("'").rstrip("…")
+        assert len(ignored) > 50 and prompt.find(ignored) > 0  # a later part of the prompt, verbatim
+    else:
+        assert result.warnings == []
 
 
 def test_a_4096_square_input_is_processed_at_the_working_size(engine, small_work) -> None:

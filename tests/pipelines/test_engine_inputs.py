@@ -180,15 +180,78 @@ def test_random_seed_is_drawn_and_reported(engine):
     assert again.images[0].tobytes() == a.images[0].tobytes()
 
 
-def test_nan_decode_is_an_error_not_an_image(engine):
+def _decoder_fault(engine, replace, times: int | None = None):
+    """Replace the VAE decoder's output (``replace(out)``) for the first ``times`` calls (all if None)."""
     pipe = engine.pipeline(engine.variants[(APP, 2)])
-    handle = pipe.vae.decoder.register_forward_hook(lambda mod, args, out: torch.full_like(out, float("nan")))
+    calls: list[torch.dtype] = []
+
+    def hook(mod, args, out):
+        calls.append(out.dtype)
+        return replace(out) if times is None or len(calls) <= times else out
+
+    return pipe.vae.decoder.register_forward_hook(hook), calls
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        lambda out: torch.full_like(out, float("nan")),
+        lambda out: torch.full_like(out, float("-inf")),
+        lambda out: torch.full_like(out, -1.5),
+    ],  # all black once clamped, with no NaN anywhere
+    ids=["nan", "inf", "all-black"],
+)
+def test_unusable_decode_is_an_error_not_an_image(engine, fault):
+    """M9: a NaN/inf or all-black decode is decoded again in fp32; if that is no better, ``nan_output``."""
+    handle, calls = _decoder_fault(engine, fault)
     try:
         (result,) = engine.run([_request(seed=1)])
     finally:
         handle.remove()
     assert isinstance(result.error, NonFiniteOutputError) and result.images == []
+    assert result.error.error_type == "nan_output"
+    assert calls == [torch.float32, torch.float32]  # the first decode, then the fp32 retry
     assert engine.run([_request(seed=1)])[0].error is None  # the engine is fine afterwards
+
+
+def test_a_decode_that_overflows_once_is_saved_by_the_fp32_retry(engine):
+    """M9: when only the first (reduced-precision) decode fails, the user gets the image and a warning."""
+    (expected,) = engine.run([_request(seed=1)])
+    handle, calls = _decoder_fault(engine, lambda out: torch.full_like(out, float("nan")), times=1)
+    try:
+        (result,) = engine.run([_request(seed=1)])
+    finally:
+        handle.remove()
+    assert result.error is None and len(calls) == 2
+    assert result.images[0].tobytes() == expected.images[0].tobytes()
+    assert any("decoded in fp32" in w for w in result.warnings)
+    assert expected.warnings == []
+
+
+def test_the_fp32_retry_decodes_only_the_bad_rows_and_restores_the_vae_dtype(engine):
+    """In a batch, only the unusable image is decoded again, and the VAE is cast back afterwards."""
+    pipe = engine.pipeline(engine.variants[(APP, 2)])
+    pipe.vae.to(torch.bfloat16)  # as on CUDA; the upcast must put it back
+    sizes: list[tuple[int, torch.dtype]] = []
+
+    def hook(mod, args, out):
+        sizes.append((out.shape[0], out.dtype))
+        if len(sizes) == 1:
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    handle = pipe.vae.decoder.register_forward_hook(hook)
+    try:
+        results = engine.run([_request(seed=1, request_id="a"), _request(seed=2, request_id="b")])
+    finally:
+        handle.remove()
+        dtype_after = pipe.vae.dtype
+        pipe.vae.to(torch.float32)
+    assert sizes == [(2, torch.bfloat16), (1, torch.float32)]
+    assert dtype_after == torch.bfloat16
+    assert [r.error for r in results] == [None, None]
+    assert results[0].warnings == [] and results[1].warnings
 
 
 def test_cancel_between_steps_stops_one_request_and_not_the_other(engine):
