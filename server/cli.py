@@ -157,6 +157,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
+    from .connections import slow_client_protocol
     from .draining import run as run_server
     from .settings import SettingsError, load_settings
 
@@ -179,6 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         log_config=None,
         log_level=settings.log_level,
+        http=slow_client_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.min_body_rate),
         # SIGTERM drains first (the running batch gets drain_grace_s); this is only for the connections
         # still open after that, such as status streams of queued requests.
         timeout_graceful_shutdown=5,

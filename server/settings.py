@@ -133,6 +133,22 @@ class Settings(BaseSettings):
         default_factory=lambda: ["*"], description="Origins allowed to call the API from a browser."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    # Slow clients
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection that has not sent a request's complete headers this long after it opened (or "
+        "after the request's first byte, when kept alive) is closed (slowloris).",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A request body may pause this long at most, and after this long it must have come in at "
+        "min_body_rate on average; otherwise 408 and the connection is closed.",
+    )
+    min_body_rate: float = Field(
+        1024.0, ge=0, description="Bytes per second a request body must average once body_timeout_s has passed."
+    )
     # Draining and idempotency
     drain_grace_s: float = Field(
         30.0,
