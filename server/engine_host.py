@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -63,16 +64,30 @@ class EngineHost:
             loop.call_soon_threadsafe(self._ready.set)  # wake waiters: they check ``ready`` and fail jobs
 
 
-def warm_up(engine: Any) -> None:
-    """One small request through every loaded variant, so the first user request pays no first-call costs."""
+def warm_up(engine: Any, sizes: list[tuple[int, int]] | None = None) -> None:
+    """Run every loaded variant once, then the cheapest variant at each size in ``sizes``.
+
+    The first pass pays each variant's first-call costs (lazy initialisation, weights touched once).
+    The second pays each resolution's: on CUDA, kernel and cuDNN plan selection and the caching
+    allocator's growth happen per shape and are shared by the variants (one architecture), so one
+    1-step run per size is enough for the first user request at that size to run at steady-state
+    speed (reliability case R18). ``sizes`` defaults to fal's ``image_size`` presets on CUDA and to
+    none on CPU, where first calls cost little and full-size runs would slow every start.
+    """
     from PIL import Image
 
     from pipelines import InpaintRequest
 
-    image = Image.new("RGB", (64, 64), (127, 127, 127))
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    for n, (app_id, steps) in enumerate(sorted(engine.variants)):
+    from .image_sizes import PRESETS
+
+    if sizes is None:
+        device = getattr(engine, "device", None)
+        sizes = sorted(set(PRESETS.values())) if getattr(device, "type", None) == "cuda" else []
+
+    def run(n: int, app_id: str, steps: int, size: tuple[int, int], check_safety: bool) -> None:
+        image = Image.new("RGB", size, (127, 127, 127))
+        mask = Image.new("L", size, 0)
+        mask.paste(255, (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
         request = InpaintRequest(
             app_id=app_id,
             image=image,
@@ -80,11 +95,21 @@ def warm_up(engine: Any) -> None:
             prompt="warm-up",
             steps=steps,
             seed=0,
-            image_size=(64, 64),
-            enable_safety_checker=n == 0,
+            image_size=size,
+            enable_safety_checker=check_safety,
             request_id=f"warmup-{n}",
         )
         result = engine.run([request])[0]
         if result.error is not None:
             raise result.error
-    log.info("warm-up done for %d variants", len(engine.variants))
+
+    started = time.perf_counter()
+    variants = sorted(engine.variants)
+    for n, (app_id, steps) in enumerate(variants):
+        run(n, app_id, steps, (64, 64), n == 0)
+    cheapest = min(variants, key=lambda v: v[1])
+    for n, size in enumerate(sizes, start=len(variants)):
+        run(n, *cheapest, size, True)
+    log.info(
+        "warm-up done for %d variants and %d sizes in %.1f s", len(variants), len(sizes), time.perf_counter() - started
+    )

@@ -266,3 +266,37 @@ def test_ready_waits_for_the_warm_up_too(engine, tmp_path: Path) -> None:
         gate.release.set()
         live.server.should_exit = True
         thread.join(30)
+
+
+def test_warm_up_runs_each_variant_then_each_served_size_on_cuda(engine) -> None:
+    """R18: on CUDA the warm-up also runs every image_size preset once (with the fewest-steps variant), so
+    the first request at a served size pays no per-shape first-call cost; on CPU it runs the variants only."""
+    from types import SimpleNamespace
+
+    from pipelines.types import InpaintResult
+    from server.engine_host import warm_up
+    from server.image_sizes import PRESETS
+
+    class Recorder:
+        """Records what warm_up asks for; ``device`` is all it changes about the real engine."""
+
+        def __init__(self, device: str) -> None:
+            self.variants = engine.variants
+            self.device = SimpleNamespace(type=device)
+            self.runs: list[tuple[str, int, tuple[int, int]]] = []
+
+        def run(self, requests):
+            (request,) = requests
+            self.runs.append((request.app_id, request.steps, request.image_size))
+            return [InpaintResult(request_id=request.request_id)]
+
+    on_cpu, on_cuda = Recorder("cpu"), Recorder("cuda")
+    warm_up(on_cpu)
+    warm_up(on_cuda)
+    each_variant = [(app, steps, (64, 64)) for app, steps in sorted(engine.variants)]
+    assert on_cpu.runs == each_variant
+    fewest = min(sorted(engine.variants), key=lambda v: v[1])
+    assert on_cuda.runs == each_variant + [(*fewest, size) for size in sorted(set(PRESETS.values()))]
+    real = Recorder("cpu")
+    real.run = engine.run  # and the sizes really run through the engine
+    warm_up(real, sizes=[(96, 64)])
