@@ -1,7 +1,8 @@
-"""Jobs from submit to result: the queue, the GPU worker, cancellation, timeouts, restarts.
+"""Jobs from submit to result: the queue, cancellation, timeouts, restarts, results and retention.
 
-One :class:`JobService` per process. Everything here runs on the event loop except the engine
-calls (``prepare`` in a thread pool, ``run`` on the GPU worker's thread) and image encoding; the
+One :class:`JobService` per process; it owns the GPU lane, a :class:`~server.worker.GpuWorker` (batching,
+input look-ahead, running the engine, GPU faults). Everything here runs on the event loop except the
+engine calls (``prepare`` in a thread pool, ``run`` on the GPU worker's thread) and image encoding; the
 engine's progress callbacks are marshalled back onto the loop.
 
 Order of work for one job: submit (row committed) -> queued -> inputs fetched and decoded ahead of
@@ -19,18 +20,15 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from pipelines import Embedding, InpaintRequest
-from pipelines.errors import EngineError, GpuFatalError, InputError, RequestCancelled
+from pipelines.errors import RequestCancelled
 
 from .engine_host import EngineHost
 from .errors import AlreadyCompleted, Draining, EngineUnavailable, IdempotencyKeyReused, NotFound, job_error
 from .fetch import FetchGuard
 from .files import FileStore
-from .gpu_exit import EXIT_GPU_FAULT, GpuHung, exit_for_restart
-from .inputs import InputFetcher, InputFetchError, image_size_of_json, slim_input
+from .inputs import InputFetcher, slim_input
 from .job_queue import JobQueue
 from .jobs import Job, JobState
 from .limits import RequestLimits
@@ -40,20 +38,17 @@ from .results import InlineResults, encode_output
 from .settings import Settings
 from .store import JobStore, WebhookRow
 from .webhooks import WebhookSender, webhook_body
+from .worker import GpuWorker
 
 log = logging.getLogger("inpaint-server.jobs")
 
 TERMINAL_CACHE = 5000  # finished jobs kept in memory for fast status polls
 
 
-@dataclass
-class _Prepared:
-    prepared: Any = None  # the engine's PreparedRequest
-    key: Any = None
-    error: tuple[str, str, str | None] | None = None  # (error_type, message, field)
-
-
 class JobService:
+    """Every job's life: submit, status, cancel, start timeouts, recovery after a restart, draining,
+    terminal states (with their webhook), retention. The GPU lane is :attr:`worker`."""
+
     def __init__(
         self,
         settings: Settings,
@@ -86,35 +81,29 @@ class JobService:
         self.active: dict[str, Job] = {}  # queued and running
         self.finished: OrderedDict[str, Job] = OrderedDict()
         self.inline_results = InlineResults()
-        self._prep: dict[str, asyncio.Task[_Prepared]] = {}
-        self._queue_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._finalizers: set[asyncio.Task] = set()
         self._seq = store.next_seq()
-        self.running: list[str] = []
         self.draining = False  # SIGTERM: no new work; see drain()
-        self._abandoned = False  # the drain grace period ran out: the running batch stops and is not finalized
-        # GPU faults: when the running batch last showed progress (time.monotonic, for the watchdog), and
-        # how the process ends after a fault (replaced in tests that run the server in-process).
-        self._last_progress = time.monotonic()
-        self._exit_process = exit_process or exit_for_restart
+        # The GPU lane; ``exit_process`` ends the process after a GPU fault (replaced in in-process tests).
+        self.worker = GpuWorker(self, exit_process)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         self.recover()
         self._tasks = [
-            asyncio.create_task(self._worker(), name="gpu-worker"),
+            asyncio.create_task(self.worker.run(), name="gpu-worker"),
             asyncio.create_task(self._sweeper(), name="sweeper"),
             asyncio.create_task(self._collector(), name="collector"),
         ]
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._prep.values()]:
+        lookahead = self.worker.lookahead_tasks()
+        for task in [*self._tasks, *lookahead]:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._prep.values(), return_exceptions=True)
-        if self._finalizers:
-            await asyncio.gather(*self._finalizers, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *lookahead, return_exceptions=True)
+        if self.worker.finalizers:
+            await asyncio.gather(*self.worker.finalizers, return_exceptions=True)
         await self.fetcher.close()
 
     def recover(self) -> None:
@@ -122,13 +111,13 @@ class JobService:
         for job in self.store.unfinished():
             if job.state is JobState.RUNNING:
                 if job.cancel_requested:  # the cancel was acknowledged (202); a restart must not undo it
-                    self._finish_now(job, "cancelled", "the request was cancelled while running")
+                    self.finish_now(job, "cancelled", "the request was cancelled while running")
                     continue
                 if job.sync:
-                    self._finish_now(job, "interrupted", "the server restarted while this synchronous run was running")
+                    self.finish_now(job, "interrupted", "the server restarted while this synchronous run was running")
                     continue
                 if job.attempts >= self.settings.max_attempts:
-                    self._finish_now(
+                    self.finish_now(
                         job,
                         "interrupted",
                         f"the server stopped while this request was running, {job.attempts} times; not retried again",
@@ -140,12 +129,12 @@ class JobService:
                 self.store.save(job)
                 log.info("request %s requeued after restart (attempts so far %d)", job.id, job.attempts)
             elif job.sync:
-                self._finish_now(job, "interrupted", "the server restarted before this synchronous run started")
+                self.finish_now(job, "interrupted", "the server restarted before this synchronous run started")
                 continue
             self.active[job.id] = job
             self.queue.push(job)
-        self._queue_changed.set()
-        self._update_gauges()
+        self.worker.wake()
+        self.update_gauges()
 
     # ------------------------------------------------------------------ requests from the API
 
@@ -167,7 +156,7 @@ class JobService:
         if self.draining:
             raise Draining()
         if self.host.state == "failed":
-            raise EngineUnavailable(self._unavailable())
+            raise EngineUnavailable(self.unavailable_message())
         self.limits.check(payload, owner, len(self.queue))  # 422 / 413 / 429 before anything is stored
         now = self.clock()
         seed = payload.get("seed")
@@ -195,14 +184,15 @@ class JobService:
         self.queue.push(job)
         if self.host.ready:
             # Fetch and decode now (look-ahead), so the job can join the next batch as soon as the GPU is free.
-            self._ensure_prepared(self.host.engine)
-        self._queue_changed.set()
+            self.worker.ensure_prepared(self.host.engine)
+        self.worker.wake()
         self.metrics.requests.labels(app_id, "sync" if sync else "queue").inc()
-        self._update_gauges()
+        self.update_gauges()
         log.info("request %s queued for %s (priority %d)", job.id, app_id, priority)
         return job
 
-    def _unavailable(self) -> str:
+    def unavailable_message(self) -> str:
+        """Why requests cannot run: the models failed to load (redacted for clients)."""
         return f"the models failed to load ({public_message(self.host.error or '')}); see the server log"
 
     def find_idempotent(self, owner: str, key: str, fingerprint: str) -> Job | None:
@@ -260,7 +250,7 @@ class JobService:
         if job.state.is_terminal():
             raise AlreadyCompleted("already completed", request_id=job.id)
         if job.state is JobState.QUEUED:
-            self._fail_queued(job, "cancelled", "the request was cancelled before it started")
+            self.fail_queued(job, "cancelled", "the request was cancelled before it started")
             return
         if not job.cancel_requested:
             job.cancel_requested = True
@@ -280,251 +270,28 @@ class JobService:
         except TimeoutError:
             return False
 
-    # ------------------------------------------------------------------ the GPU worker
-
-    async def _worker(self) -> None:
-        engine = await self.host.wait_ready()
-        if engine is None:  # the models did not load: say so to every waiting request, now and later
-            while True:
-                for job_id in self.queue.head(len(self.queue)):
-                    self._fail_queued(self.active[job_id], "engine_unavailable", self._unavailable())
-                self._queue_changed.clear()
-                await self._queue_changed.wait()
-        while True:
-            try:
-                await self._run_next(engine)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let one bad batch stop the lane
-                log.exception("GPU worker iteration failed")
-                await asyncio.sleep(0.1)
-
-    async def _run_next(self, engine: Any) -> None:
-        while not len(self.queue) or self.draining:
-            self._queue_changed.clear()
-            await self._queue_changed.wait()
-        self._ensure_prepared(engine)
-        head_id = self._next_head()
-        head = self.active[head_id]
-        task = self._prep[head_id]
-        # Wait for the head's inputs, but re-evaluate if the queue changes (cancel, higher priority) or, while
-        # the head downloads, when the inputs of a job behind it are ready.
-        self._queue_changed.clear()
-        changed = asyncio.ensure_future(self._queue_changed.wait())
-        waits = {task, changed}
-        if not task.done() and self._downloads(head):
-            waits |= {t for t in self._prep.values() if not t.done()}
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        changed.cancel()
-        if not task.done() or head_id not in self.queue or self.draining:
-            return
-        prep = task.result()
-        if prep.error is not None:
-            self._fail_queued(head, *prep.error)
-            return
-        if self._timed_out(head):
-            return
-        batch = [head]
-        for job_id in self.queue.head(self.settings.max_batch_size * 4):
-            if len(batch) >= self.settings.max_batch_size:
-                break
-            if job_id == head_id:
-                continue
-            other = self._prep.get(job_id)
-            if other is None or not other.done() or other.cancelled():
-                continue
-            p = other.result()
-            if p.error is None and p.key == prep.key and not self._timed_out(self.active[job_id]):
-                batch.append(self.active[job_id])
-        now = self.clock()
-        prepared = []
-        for job in batch:
-            self.queue.remove(job.id)
-            prepared.append(self._prep.pop(job.id).result().prepared)
-            job.state = JobState.RUNNING
-            job.started_at = now
-            job.attempts += 1
-            job.add_log(f"Starting inference ({len(batch)} request(s) in this batch)", when=now)
-            self.store.save(job)
-            job.notify()
-            self.metrics.latency.labels(job.app_id, "queue").observe(max(now - job.created_at, 0.0))
-            log.info("request %s running (attempt %d, batch of %d)", job.id, job.attempts, len(batch))
-        self.running = [j.id for j in batch]
-        self.metrics.batch_size.observe(len(batch))
-        self._update_gauges()
-        self._ensure_prepared(engine)  # fetch the next inputs while the GPU works
-
-        loop = asyncio.get_running_loop()
-        jobs = {j.id: j for j in batch}
-
-        def should_stop(request_id: str) -> bool:
-            job = jobs.get(request_id)
-            return job is not None and (job.cancel_requested or self._abandoned)
-
-        def on_progress(request_id: str, step: int, total: int) -> None:
-            self._last_progress = time.monotonic()  # read by the watchdog (on this thread: no loop lag)
-            loop.call_soon_threadsafe(self._progress, request_id, step, total)
-
-        self._last_progress = time.monotonic()
-        try:
-            results = await self._watched(asyncio.to_thread(engine.run, prepared, should_stop, on_progress))
-        except (GpuFatalError, GpuHung) as exc:
-            await self._gpu_fault(batch, str(exc))
-            return
-        except Exception as exc:
-            log.exception("engine failure on a batch of %d", len(batch))
-            results = None
-            error = f"inference failed: {type(exc).__name__}"
-        if self._abandoned:  # shutting down: the rows stay running, so the next start runs them again
-            return
-        self.running = []
-        if results is None:
-            for job in batch:
-                self._finish_now(job, "engine_error", error)
-        else:
-            by_id = {r.request_id: r for r in results}
-            for job in batch:
-                task = asyncio.create_task(self._finalize(job, by_id.get(job.id)))
-                self._finalizers.add(task)
-                task.add_done_callback(self._finalizers.discard)
-        self._update_gauges()
-
-    # ------------------------------------------------------------------ GPU faults
-
-    async def _watched(self, work: Any) -> Any:
-        """Await the engine; raise :class:`GpuHung` once it shows no progress for ``step_timeout_s``.
-
-        Progress is a denoising step; the time before the first step (text encoding) and after the
-        last (VAE decode, safety checker) counts too, so the limit must cover those stages as well.
-        """
-        task = asyncio.ensure_future(work)
-        limit = self.settings.step_timeout_s
-        if not limit:
-            return await task
-        interval = min(1.0, max(limit / 4, 0.05))
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=interval)
-            if done:
-                return task.result()
-            idle = time.monotonic() - self._last_progress
-            if idle > limit:
-                raise GpuHung(f"the GPU made no progress for {idle:.1f} s (step_timeout_s={limit:g}); presumed hung")
-
-    async def _gpu_fault(self, batch: list[Job], reason: str) -> None:
-        """A fatal GPU error or a hung GPU: this process cannot run anything any more.
-
-        Readiness turns 503 with the reason; the batch's rows stay ``running`` with their attempt
-        counted, so ``recover()`` after the restart runs them once more, or fails them ``interrupted``
-        after ``max_attempts`` (a job that crashes the process every time is not replayed forever);
-        results of earlier batches still being written are let finish; then the process exits with
-        EXIT_GPU_FAULT for the supervisor to restart it.
-        """
-        self.host.fault(reason)
-        log.critical("GPU fault, the server stops: %s (requests %s)", reason, ", ".join(j.id for j in batch))
-        now = self.clock()
-        for job in batch:
-            if job.state is JobState.RUNNING:
-                message = "GPU fault during this request; it runs again after the server restarts, if attempts remain"
-                job.add_log(message, "ERROR", now)
-                self.store.save(job)
-                job.notify()
-        if self._finalizers:
-            await asyncio.wait(set(self._finalizers), timeout=30)
-        await asyncio.sleep(self.settings.gpu_fault_exit_delay_s)  # readiness probes see the 503 meanwhile
-        log.critical("exiting with status %d so that a supervisor restarts the server", EXIT_GPU_FAULT)
-        self._exit_process(EXIT_GPU_FAULT)
-        await asyncio.Event().wait()  # (exit replaced in tests) the lane stays stopped, as in a dead process
-
-    def _progress(self, request_id: str, step: int, total: int) -> None:
-        job = self.active.get(request_id)
-        if job is not None and job.state is JobState.RUNNING:
-            job.add_log(f"Step {step}/{total}", when=self.clock())
-            job.notify()
-
-    def _next_head(self) -> str:
-        """The job to run next: the queue's head or, while the head still downloads a remote input, the oldest
-        job behind it whose inputs are ready, so a slow image host cannot hold the GPU lane (case S7)."""
-        window = self.queue.head(self.settings.max_batch_size * 2)
-        head_id = window[0]
-        if head_id not in self._prep or self._prep[head_id].done() or not self._downloads(self.active[head_id]):
-            return head_id
-        return next((j for j in window[1:] if j in self._prep and self._prep[j].done()), head_id)
-
-    def _downloads(self, job: Job) -> bool:
-        """Whether preparing ``job`` fetches a URL over the network (not only data URIs and this server's files)."""
-        data = job.input
-        embeddings = [e.get("path") for e in data.get("embeddings") or [] if isinstance(e, dict)]
-        return any(self.fetcher.is_remote(s) for s in (data.get("image_url"), data.get("mask_url"), *embeddings))
-
-    def _ensure_prepared(self, engine: Any) -> None:
-        """Start fetching and decoding inputs for the first few queued jobs."""
-        for job_id in self.queue.head(self.settings.max_batch_size * 2):
-            if job_id not in self._prep:
-                self._prep[job_id] = asyncio.create_task(self._prepare(engine, self.active[job_id]))
-
-    async def _prepare(self, engine: Any, job: Job) -> _Prepared:
-        started = time.perf_counter()
-        data = job.input
-        try:
-            image, mask = await asyncio.gather(
-                self.fetcher.fetch(data["image_url"], "image_url"), self.fetcher.fetch(data["mask_url"], "mask_url")
-            )
-            embeddings = []
-            for i, emb in enumerate(data.get("embeddings") or []):
-                raw = await self.fetcher.fetch(emb["path"], f"embeddings.{i}.path")
-                embeddings.append(Embedding(data=raw, tokens=list(emb.get("tokens") or ["<s0>", "<s1>"]), name=f"e{i}"))
-            request = InpaintRequest(
-                app_id=job.app_id,
-                image=image,
-                mask=mask,
-                prompt=data["prompt"],
-                steps=int(data["num_inference_steps"]),
-                strength=float(data["strength"]),
-                seed=job.seed,
-                num_images=int(data["num_images"]),
-                image_size=image_size_of_json(data["image_size"]),
-                embeddings=embeddings,
-                enable_safety_checker=bool(data["enable_safety_checker"]),
-                expand_prompt=bool(data["expand_prompt"]),
-                request_id=job.id,
-                max_image_pixels=self.settings.max_image_pixels,
-            )
-            fetched = time.perf_counter()
-            prepared = await asyncio.to_thread(engine.prepare, request)
-            prepared.timings["fetch"] = fetched - started
-            slim_input(job)
-            return _Prepared(prepared=prepared, key=engine.batch_key(prepared))
-        except InputFetchError as exc:
-            return _Prepared(error=(exc.error_type, exc.message, exc.field))
-        except InputError as exc:
-            return _Prepared(error=("invalid_input", exc.message, exc.field))
-        except EngineError as exc:
-            return _Prepared(error=(exc.error_type, str(exc), None))
-        except Exception as exc:
-            log.exception("preparing request %s failed", job.id)
-            return _Prepared(error=("internal_error", f"could not prepare the request ({type(exc).__name__})", None))
-
     # ------------------------------------------------------------------ finishing
 
-    async def _finalize(self, job: Job, result: Any) -> None:
+    async def finalize(self, job: Job, result: Any) -> None:
+        """Make a job the GPU worker ran terminal: encode and save its images, or record its error."""
         try:
             for warning in getattr(result, "warnings", None) or ():
                 job.add_log(warning, "WARN", self.clock())
             if result is None:
-                self._finish_now(job, "engine_error", "the engine returned no result for this request")
+                self.finish_now(job, "engine_error", "the engine returned no result for this request")
             elif job.cancel_requested or isinstance(result.error, RequestCancelled):
-                self._finish_now(job, "cancelled", "the request was cancelled while running")
+                self.finish_now(job, "cancelled", "the request was cancelled while running")
             elif result.error is not None:
                 field = getattr(result.error, "field", None)
                 message = getattr(result.error, "message", None) or str(result.error)
-                self._finish_now(job, result.error.error_type, message, field)
+                self.finish_now(job, result.error.error_type, message, field)
             else:
                 output = await asyncio.to_thread(encode_output, job, result, self.files)
                 self._succeed(job, output, result.timings)
         except Exception:
             log.exception("finalizing request %s failed", job.id)
             if not job.state.is_terminal():
-                self._finish_now(job, "internal_error", "the result could not be saved")
+                self.finish_now(job, "internal_error", "the result could not be saved")
 
     def _succeed(self, job: Job, output: dict[str, Any], timings: dict[str, float]) -> None:
         now = self.clock()
@@ -538,7 +305,7 @@ class JobService:
         job.add_log(f"Done in {now - (job.started_at or now):.2f} s", when=now)
         self._terminal(job, JobState.SUCCEEDED, 200, output, now)
 
-    def _finish_now(self, job: Job, error_type: str, message: str, field: str | None = None) -> None:
+    def finish_now(self, job: Job, error_type: str, message: str, field: str | None = None) -> None:
         """Make ``job`` terminal with an error (cancelled, timed out, failed)."""
         now = self.clock()
         message = public_message(message)
@@ -568,7 +335,7 @@ class JobService:
         self._remember(job)
         self.metrics.completed.labels(job.app_id, state.value).inc()
         self.metrics.latency.labels(job.app_id, "total").observe(max(now - job.created_at, 0.0))
-        self._update_gauges()
+        self.update_gauges()
         job.notify()
         log.info("request %s %s%s", job.id, state.value, f" ({job.error_type}: {job.error})" if job.error else "")
 
@@ -596,23 +363,23 @@ class JobService:
             for job_id in self.queue.head(len(self.queue)):
                 job = self.active[job_id]
                 if job.sync:
-                    self._fail_queued(job, "draining", "the server is shutting down; this run did not start, retry it")
-            self._queue_changed.set()
+                    self.fail_queued(job, "draining", "the server is shutting down; this run did not start, retry it")
+            self.worker.wake()
         deadline = time.monotonic() + grace_s
         try:
-            while (self.running or self._finalizers) and time.monotonic() < deadline:
+            while (self.worker.running or self.worker.finalizers) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         finally:
-            if self.running:
+            if self.worker.running:
                 self._abandon_running(grace_s)
-        if self._finalizers:  # the batch finished in time; its results are being written
-            await asyncio.gather(*self._finalizers, return_exceptions=True)
-        return not self._abandoned
+        if self.worker.finalizers:  # the batch finished in time; its results are being written
+            await asyncio.gather(*self.worker.finalizers, return_exceptions=True)
+        return not self.worker.abandoned
 
     def _abandon_running(self, grace_s: float) -> None:
-        self._abandoned = True
+        self.worker.abandon()
         now = self.clock()
-        for job_id in self.running:
+        for job_id in self.worker.running:
             job = self.active.get(job_id)
             if job is not None:
                 job.add_log(
@@ -622,23 +389,22 @@ class JobService:
                     now,
                 )
                 self.store.save(job)
-        log.warning("drain grace over (%g s); %d running requests run again on restart", grace_s, len(self.running))
+        running = len(self.worker.running)
+        log.warning("drain grace over (%g s); %d running requests run again on restart", grace_s, running)
 
     # ------------------------------------------------------------------ clocks and housekeeping
 
-    def _fail_queued(self, job: Job, error_type: str, message: str, field: str | None = None) -> None:
+    def fail_queued(self, job: Job, error_type: str, message: str, field: str | None = None) -> None:
         """Take a job that has not started out of the queue (dropping its input look-ahead) and fail it."""
         self.queue.remove(job.id)
-        task = self._prep.pop(job.id, None)
-        if task is not None:
-            task.cancel()
-        self._finish_now(job, error_type, message, field)
-        self._queue_changed.set()
+        self.worker.drop_prepared(job.id)
+        self.finish_now(job, error_type, message, field)
+        self.worker.wake()
 
-    def _timed_out(self, job: Job) -> bool:
+    def timed_out(self, job: Job) -> bool:
         """Fail a queued job whose start deadline (X-Fal-Request-Timeout) has passed."""
         if job.state is JobState.QUEUED and job.start_deadline is not None and self.clock() >= job.start_deadline:
-            self._fail_queued(job, "request_timeout", "the request did not start before its start timeout")
+            self.fail_queued(job, "request_timeout", "the request did not start before its start timeout")
             return True
         return False
 
@@ -648,7 +414,7 @@ class JobService:
             for job_id in list(self.queue.head(len(self.queue))):
                 job = self.active.get(job_id)
                 if job is not None:
-                    self._timed_out(job)
+                    self.timed_out(job)
 
     async def _collector(self) -> None:
         while True:
@@ -686,6 +452,7 @@ class JobService:
         self._seq += 1
         return seq
 
-    def _update_gauges(self) -> None:
+    def update_gauges(self) -> None:
+        """Set the queue depth and in-progress gauges from the queue and the GPU lane."""
         self.metrics.queue_depth.set(len(self.queue))
-        self.metrics.in_progress.set(len(self.running))
+        self.metrics.in_progress.set(len(self.worker.running))

@@ -178,8 +178,8 @@ def test_queued_compatible_requests_share_one_engine_run(make_server, engine, re
         same = [submit(client, seed=n)["request_id"] for n in range(4)]
         other_app = submit(client, HYPER)["request_id"]
         # Inputs are fetched and decoded while the requests wait (look-ahead), so all are ready to batch.
-        prep = server.app.state.service._prep
-        poll_until(lambda: all(rid in prep and prep[rid].done() for rid in same[:3]), what="queued inputs prepared")
+        worker = server.app.state.service.worker
+        poll_until(lambda: all(worker.is_prepared(rid) for rid in same[:3]), what="queued inputs prepared")
         gate.release.set()
         for rid in same:
             assert "error" not in wait_for(client, LIGHTNING, rid)

@@ -132,9 +132,9 @@ def test_oom_once_is_retried_and_the_job_and_the_next_succeed(serve: Any, faults
 
 def _wait_prepared(server: LiveServer, ids: list[str], timeout: float = 30.0) -> None:
     """Until the inputs of ``ids`` are fetched and decoded, so the worker batches them together."""
-    service = server.app.state.service
+    worker = server.app.state.service.worker
     deadline = time.monotonic() + timeout
-    while not all(job_id in service._prep and service._prep[job_id].done() for job_id in ids):
+    while not all(worker.is_prepared(job_id) for job_id in ids):
         assert time.monotonic() < deadline, "inputs were never prepared"
         time.sleep(0.01)
 
