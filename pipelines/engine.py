@@ -24,6 +24,8 @@ from .gpu_faults import check_device, classify_gpu_error, first_line, free_memor
 from .hub import EXPANSION_FILES, SAFETY_CHECKER_FILES, Resolver, resolve_repo
 from .inpaint import DenoiseBatch, FewStepInpaintPipeline
 from .loading import ModelStore
+from .optimize import SpeedOptions, batch_bucket, optimize_pipeline
+from .prompt_cache import PromptCache
 from .safety import SafetyChecker
 from .schedules import make_scheduler, timesteps_for
 from .specs import AppSpec, ServingSpec, VariantSpec
@@ -77,6 +79,8 @@ class Engine:
         variants: dict[tuple[str, int], VariantSpec],
         safety_checker: SafetyChecker | None,
         expander: PromptExpander | None,
+        speed: SpeedOptions | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self.spec = spec
         self.store = store
@@ -84,6 +88,8 @@ class Engine:
         self.safety_checker = safety_checker
         self.expander = expander
         self.work_pixels = spec.engine.work_pixels
+        self.speed = speed or SpeedOptions()
+        self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache(0)
         # prepare() (any thread) reads the tokenizers' vocabularies while run() may be adding an
         # embedding's tokens to them; both hold this lock for that part.
         self._vocab_lock = threading.Lock()
@@ -102,8 +108,13 @@ class Engine:
         variants: Iterable[tuple[str, int]] | None = None,
         safety_checker: bool = True,
         prompt_expansion: bool = True,
+        speed: SpeedOptions | None = None,
+        prompt_cache_size: int = 512,
     ) -> Engine:
         """Load weights for ``variants`` (``(app id or name, steps)``; default: every step count of every app).
+
+        ``speed`` picks the levers of :mod:`pipelines.optimize` (default: all on CUDA, none on CPU);
+        ``prompt_cache_size`` is how many prompts' text embeddings are kept (0: none).
 
         Raises :class:`~pipelines.errors.ModelFileError` naming the file and the command that fetches it
         when something is missing; nothing is kept from a failed load.
@@ -123,8 +134,11 @@ class Engine:
             if steps not in app.variants:
                 raise InputError("num_inference_steps", f"{app.app_id} offers {list(app.steps)}, not {steps}")
             chosen[(app.app_id, steps)] = app.variants[steps]
+        speed = speed or SpeedOptions.for_device(device)
         for variant in chosen.values():
-            store.pipeline(variant, FewStepInpaintPipeline)
+            applied = optimize_pipeline(store.pipeline(variant, FewStepInpaintPipeline), speed)
+            if applied:
+                log.info("%s:%d: %s", variant.app_name, variant.steps, ", ".join(applied))
         checker = None
         if safety_checker:
             folder = resolve_repo(spec.engine.safety_checker, SAFETY_CHECKER_FILES, resolver, "safety_checker")
@@ -135,7 +149,7 @@ class Engine:
             folder = resolve_repo(model, EXPANSION_FILES, resolver, "prompt_expansion")
             expander = PromptExpander(folder, spec.engine.prompt_expansion, device)
         log.info("engine ready on %s (%s): %s", device, dtype, ", ".join(f"{a}:{n}" for a, n in chosen))
-        return cls(spec, store, chosen, checker, expander)
+        return cls(spec, store, chosen, checker, expander, speed, PromptCache(prompt_cache_size))
 
     @property
     def device(self) -> torch.device:
@@ -372,8 +386,13 @@ class Engine:
         per_image_prompts = [
             prompt for p, prompt in zip(group, prompts, strict=True) for _ in range(p.request.num_images)
         ]
-        with self._vocab_lock, textual_inversion(pipe, group[0].embedding if len(group) == 1 else None):
-            embeds, pooled = pipe.encode_prompts(per_image_prompts)
+        embedding = group[0].embedding if len(group) == 1 else None
+        with self._vocab_lock, textual_inversion(pipe, embedding):
+            if embedding is None:  # an embedding's tokens mean something else: never cached
+                text_key = (id(pipe.text_encoder), id(pipe.text_encoder_2))
+                embeds, pooled = self.prompt_cache.encode(text_key, per_image_prompts, pipe.encode_prompts)
+            else:
+                embeds, pooled = pipe.encode_prompts(per_image_prompts)
             cut = [pipe.truncated_text(prompt) for prompt in prompts]
         _sync(device)
         timings["text_encoding"] = time.perf_counter() - clock
@@ -388,6 +407,12 @@ class Engine:
         ]
         images = torch.cat([pipe.image_processor.preprocess(p.inputs.work_image) for p in group])
         masks = torch.cat([pipe.mask_processor.preprocess(p.inputs.work_mask) for p in group])
+        real_rows = len(image_of)
+        if self.speed.pads_batches:
+            # Compiled graphs exist per shape: pad the UNet batch (and the VAE encode's) to a bucket.
+            # Padding rows repeat the last real row with their own noise; they are dropped after decode.
+            embeds, pooled, image_of, generators = _pad_rows(embeds, pooled, image_of, generators, device)
+            images, masks = _pad_images(images, masks)
         batch = DenoiseBatch(
             prompt_embeds=embeds,
             pooled_embeds=pooled,
@@ -411,6 +436,8 @@ class Engine:
                 return None
             cancelled.update(j for j in active if should_stop(group[j].request_id))
             keep = [k for k, row in enumerate(live) if image_of[row] not in cancelled]
+            if keep and self.speed.pads_batches and len(keep) < len(live):
+                return None  # a fixed-shape (compiled) batch runs on; the cancelled rows are dropped at the end
             live = [live[k] for k in keep]
             return keep
 
@@ -427,7 +454,7 @@ class Engine:
         if rows:
             self._fault_point("decode", group, pipe)
             decoded, usable = pipe.decode(latents)
-            retry = [k for k, ok in enumerate(usable) if not ok]
+            retry = [k for k, ok in enumerate(usable) if not ok and rows[k] < real_rows]
             if retry:  # NaN/inf or all black: decode those rows again in fp32 before giving up on them
                 log.warning("VAE decode: NaN/inf or a black frame in %d image(s); decoding again in fp32", len(retry))
                 again, usable_again = pipe.decode(latents[retry], upcast=True)
@@ -441,6 +468,8 @@ class Engine:
             timings["decode"] = time.perf_counter() - clock
             clock = time.perf_counter()
             for k, row in enumerate(rows):
+                if row >= real_rows:
+                    continue  # padding
                 j = image_of[row]
                 if not usable[k]:
                     bad.add(j)
@@ -485,6 +514,34 @@ class Engine:
                 result.has_nsfw_concepts = flags[j]
             results.append(result)
         return results
+
+
+def _pad_rows(
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    image_of: list[int],
+    generators: list[torch.Generator],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[torch.Generator]]:
+    """Rows up to the batch bucket: copies of the last row, each with a fresh generator."""
+    extra = batch_bucket(len(image_of)) - len(image_of)
+    if not extra:
+        return embeds, pooled, image_of, generators
+    embeds = torch.cat([embeds, embeds[-1:].expand(extra, *embeds.shape[1:])])
+    pooled = torch.cat([pooled, pooled[-1:].expand(extra, *pooled.shape[1:])])
+    padding = [torch.Generator(device=device).manual_seed(k) for k in range(extra)]
+    return embeds, pooled, image_of + [image_of[-1]] * extra, generators + padding
+
+
+def _pad_images(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input images (one VAE encode each) up to the batch bucket, so the encoder sees few shapes too."""
+    extra = batch_bucket(images.shape[0]) - images.shape[0]
+    if not extra:
+        return images, masks
+    return (
+        torch.cat([images, images[-1:].expand(extra, *images.shape[1:])]),
+        torch.cat([masks, masks[-1:].expand(extra, *masks.shape[1:])]),
+    )
 
 
 def _clip(text: str, limit: int = 200) -> str:

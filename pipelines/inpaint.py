@@ -168,7 +168,9 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
             latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
             proper = image_latents
             if i < len(ts) - 1:
-                proper = scheduler.add_noise(image_latents, noise, torch.tensor([ts[i + 1]]))
+                # A slice, not torch.tensor([ts[i + 1]]): that reads the value to the host, a sync
+                # that would stall the GPU between two UNet calls.
+                proper = scheduler.add_noise(image_latents, noise, ts[i + 1 : i + 2])
             latents = (1 - mask) * proper + mask * latents
 
             keep = on_step(i, len(ts)) if on_step else None

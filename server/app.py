@@ -237,6 +237,7 @@ def _default_loader(settings: Settings) -> Callable[[], Any]:
 
         from pipelines.engine import Engine
         from pipelines.hub import Resolver
+        from pipelines.optimize import SpeedOptions
 
         spec = load_serving_spec(settings.config_dir, settings.model_paths)
         if settings.models == "tiny":
@@ -256,6 +257,15 @@ def _default_loader(settings: Settings) -> Callable[[], Any]:
                 app = spec.app(name)
                 variants += [(app.app_id, int(steps))] if steps else [(app.app_id, n) for n in app.steps]
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return Engine.load(spec, device=device, resolver=resolver, variants=variants)
+        cache_dir = settings.compile_cache_dir or settings.data_dir / "compile-cache"
+        speed = SpeedOptions.for_device(device, compile=settings.compile, cache_dir=cache_dir)
+        return Engine.load(
+            spec,
+            device=device,
+            resolver=resolver,
+            variants=variants,
+            speed=speed,
+            prompt_cache_size=settings.prompt_cache_size,
+        )
 
     return load

@@ -152,7 +152,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--model-path", dest="model_paths", action="append", type=_key_value, metavar="KEY=PATH")
     srv.add_argument("--app", dest="apps", action="append", metavar="APP[:STEPS]", help="load only these (repeatable)")
     srv.add_argument("--max-batch-size", type=int, help="most requests per GPU batch (default 4)")
+    srv.add_argument(
+        "--compile",
+        type=_compile_flag,
+        metavar="{true,false,auto}",
+        help="torch.compile the UNet and VAE (default auto: on with CUDA)",
+    )
     srv.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def _compile_flag(text: str) -> bool | None:
+    value = text.strip().lower()
+    if value not in ("true", "false", "auto"):
+        raise argparse.ArgumentTypeError("use true, false or auto")
+    return None if value == "auto" else value == "true"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -243,6 +256,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pipelines import InpaintRequest
     from pipelines.encode import CONTENT_TYPES, encode_image
     from pipelines.engine import Engine
+    from pipelines.optimize import SpeedOptions
 
     try:
         image = read_source(args.image)
@@ -278,6 +292,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         variants=[(app.app_id, steps)],
         safety_checker=request.enable_safety_checker,
         prompt_expansion=request.expand_prompt,
+        # One image: compiling would take longer than it saves; the other levers are free.
+        speed=SpeedOptions.for_device(device, compile=False),
     )
     prepared = engine.prepare(request)
     result = engine.run([prepared], on_progress=lambda rid, i, n: log.info("step %d/%d", i, n))[0]

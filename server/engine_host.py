@@ -64,7 +64,7 @@ class EngineHost:
             loop.call_soon_threadsafe(self._ready.set)  # wake waiters: they check ``ready`` and fail jobs
 
 
-def warm_up(engine: Any, sizes: list[tuple[int, int]] | None = None) -> None:
+def warm_up(engine: Any, sizes: list[tuple[int, int]] | None = None, buckets: tuple[int, ...] | None = None) -> None:
     """Run every loaded variant once, then the cheapest variant at each size in ``sizes``.
 
     The first pass pays each variant's first-call costs (lazy initialisation, weights touched once).
@@ -73,6 +73,10 @@ def warm_up(engine: Any, sizes: list[tuple[int, int]] | None = None) -> None:
     1-step run per size is enough for the first user request at that size to run at steady-state
     speed (reliability case R18). ``sizes`` defaults to fal's ``image_size`` presets on CUDA and to
     none on CPU, where first calls cost little and full-size runs would slow every start.
+
+    A compiled engine (``engine.speed.compile``) has one graph per shape and module, so there every
+    variant runs every size at every batch bucket (``buckets``, default 1/2/4/8): that is when the
+    compilation happens (from the compile cache after the first start), before the server is ready.
     """
     from PIL import Image
 
@@ -84,32 +88,54 @@ def warm_up(engine: Any, sizes: list[tuple[int, int]] | None = None) -> None:
         device = getattr(engine, "device", None)
         sizes = sorted(set(PRESETS.values())) if getattr(device, "type", None) == "cuda" else []
 
-    def run(n: int, app_id: str, steps: int, size: tuple[int, int], check_safety: bool) -> None:
+    compiled = bool(getattr(getattr(engine, "speed", None), "compile", False))
+    if buckets is None:
+        from pipelines.optimize import BATCH_BUCKETS
+
+        buckets = BATCH_BUCKETS if compiled else (1,)
+
+    def run(n: int, app_id: str, steps: int, size: tuple[int, int], check_safety: bool, batch: int = 1) -> None:
         image = Image.new("RGB", size, (127, 127, 127))
         mask = Image.new("L", size, 0)
         mask.paste(255, (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
-        request = InpaintRequest(
-            app_id=app_id,
-            image=image,
-            mask=mask,
-            prompt="warm-up",
-            steps=steps,
-            seed=0,
-            image_size=size,
-            enable_safety_checker=check_safety,
-            request_id=f"warmup-{n}",
-        )
-        result = engine.run([request])[0]
-        if result.error is not None:
-            raise result.error
+        requests = [
+            InpaintRequest(
+                app_id=app_id,
+                image=image,
+                mask=mask,
+                prompt="warm-up",
+                steps=steps,
+                seed=k,
+                image_size=size,
+                enable_safety_checker=check_safety,
+                request_id=f"warmup-{n}-{k}",
+            )
+            for k in range(batch)
+        ]
+        for result in engine.run(requests):
+            if result.error is not None:
+                raise result.error
 
     started = time.perf_counter()
     variants = sorted(engine.variants)
     for n, (app_id, steps) in enumerate(variants):
         run(n, app_id, steps, (64, 64), n == 0)
-    cheapest = min(variants, key=lambda v: v[1])
-    for n, size in enumerate(sizes, start=len(variants)):
-        run(n, *cheapest, size, True)
+    n = len(variants)
+    if compiled:
+        for app_id, steps in variants:
+            for size in sizes:
+                for batch in buckets:
+                    run(n, app_id, steps, size, False, batch)
+                    n += 1
+    else:
+        cheapest = min(variants, key=lambda v: v[1])
+        for size in sizes:
+            run(n, *cheapest, size, True)
+            n += 1
     log.info(
-        "warm-up done for %d variants and %d sizes in %.1f s", len(variants), len(sizes), time.perf_counter() - started
+        "warm-up done for %d variants, %d sizes and batches %s in %.1f s",
+        len(variants),
+        len(sizes),
+        "/".join(map(str, buckets)),
+        time.perf_counter() - started,
     )

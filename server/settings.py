@@ -67,6 +67,25 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run one small request per variant before reporting ready.")
     max_batch_size: int = Field(4, ge=1, le=64, description="Most requests run together in one GPU batch.")
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the UNet and the VAE (with CUDA graphs), one graph per batch bucket (1/2/4/8) and "
+        "image size, all built during the warm-up. Default: on with CUDA, off on CPU. The first start takes minutes; "
+        "later ones read compile_cache_dir.",
+    )
+    compile_cache_dir: Path | None = Field(
+        None, description="Where compiled kernels are kept between starts. Default: DATA_DIR/compile-cache."
+    )
+    prompt_cache_size: int = Field(
+        512, ge=0, description="Prompts whose text embeddings are kept on the GPU for reuse (~0.3 MB each); 0: off."
+    )
+    batch_window_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="How long a request ready to run waits for batch-mates (same app, steps and size) when its "
+        "batch is not full; 0: never wait.",
+    )
     result_retention_s: float = Field(
         7 * 24 * 3600, gt=0, description="Completed requests and their files are deleted this long after completion."
     )
@@ -261,6 +280,7 @@ CLI_FLAGS = {
     "model_paths": "--model-path",
     "apps": "--app",
     "max_batch_size": "--max-batch-size",
+    "compile": "--compile",
     "log_level": "--log-level",
 }
 

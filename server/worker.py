@@ -115,6 +115,40 @@ class GpuWorker:
                 log.exception("GPU worker iteration failed")
                 await asyncio.sleep(0.1)
 
+    def _collect(self, head: Job, prep: _Prepared) -> list[Job]:
+        """The head and the queued jobs whose inputs are ready with the same batch key, up to the batch size."""
+        batch = [head]
+        for job_id in self.queue.head(self.settings.max_batch_size * 4):
+            if len(batch) >= self.settings.max_batch_size:
+                break
+            if job_id == head.id:
+                continue
+            other = self._prep.get(job_id)
+            if other is None or not other.done() or other.cancelled():
+                continue
+            p = other.result()
+            if p.error is None and p.key == prep.key and not self.jobs.timed_out(self.active[job_id]):
+                batch.append(self.active[job_id])
+        return batch
+
+    async def _fill(self, engine: Any, head: Job, prep: _Prepared, batch: list[Job]) -> list[Job]:
+        """Wait up to ``batch_window_ms`` for batch-mates: requests submitted meanwhile, or queued ones whose
+        inputs are still being fetched. Returns as soon as the batch is full; re-collects on every change."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.batch_window_ms / 1000
+        while len(batch) < self.settings.max_batch_size and head.id in self.queue and not self.jobs.draining:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            self.ensure_prepared(engine)
+            self._queue_changed.clear()
+            changed = asyncio.ensure_future(self._queue_changed.wait())
+            pending = {t for t in self._prep.values() if not t.done()}
+            await asyncio.wait(pending | {changed}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            batch = self._collect(head, prep)
+        return batch
+
     async def _run_next(self, engine: Any) -> None:
         while not len(self.queue) or self.jobs.draining:
             self._queue_changed.clear()
@@ -140,18 +174,11 @@ class GpuWorker:
             return
         if self.jobs.timed_out(head):
             return
-        batch = [head]
-        for job_id in self.queue.head(self.settings.max_batch_size * 4):
-            if len(batch) >= self.settings.max_batch_size:
-                break
-            if job_id == head_id:
-                continue
-            other = self._prep.get(job_id)
-            if other is None or not other.done() or other.cancelled():
-                continue
-            p = other.result()
-            if p.error is None and p.key == prep.key and not self.jobs.timed_out(self.active[job_id]):
-                batch.append(self.active[job_id])
+        batch = self._collect(head, prep)
+        if len(batch) < self.settings.max_batch_size and self.settings.batch_window_ms > 0:
+            batch = await self._fill(engine, head, prep, batch)
+            if head_id not in self.queue or self.jobs.draining:
+                return
         now = self.clock()
         prepared = []
         for job in batch:

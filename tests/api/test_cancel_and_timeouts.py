@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import httpx
 
@@ -192,3 +193,38 @@ def test_queued_compatible_requests_share_one_engine_run(make_server, engine, re
         assert any(line["message"] == "Starting inference (3 request(s) in this batch)" for line in logs)
         seeds = {client.get(_url(rid)).json()["seed"] for rid in same}
         assert seeds == {0, 1, 2, 3}  # each request keeps its own seed inside the batch
+
+
+def test_a_request_waits_batch_window_ms_for_batch_mates(make_server, engine, request) -> None:
+    """With an idle GPU, a request submitted 0.2 s after another joins its batch when batch_window_ms
+    allows it (the first waited), and runs apart when the window is 0."""
+    for window, together in ((1000.0, True), (0.0, False)):
+        server, gate = gated_server(make_server, engine, request, max_batch_size=4, batch_window_ms=window)
+        with client_for(server) as client:
+            first = submit(client, seed=1)["request_id"]
+            time.sleep(0.2)
+            second = submit(client, seed=2)["request_id"]
+            for rid in (first, second):
+                assert "error" not in wait_for(client, LIGHTNING, rid)
+        if together:
+            assert gate.batches == [[first, second]]
+        else:
+            assert gate.batches == [[first], [second]]
+
+
+def test_a_full_batch_does_not_wait_for_the_window(make_server, engine, request) -> None:
+    """The window only applies while the batch has room: a full batch starts without waiting."""
+    server, gate = gated_server(make_server, engine, request, max_batch_size=1, batch_window_ms=1000.0)
+    worker = server.app.state.service.worker
+    waits: list[str] = []
+    fill = worker._fill
+
+    async def spy(engine, head, prep, batch):
+        waits.append(head.id)
+        return await fill(engine, head, prep, batch)
+
+    worker._fill = spy
+    with client_for(server) as client:
+        rid = submit(client, seed=1)["request_id"]
+        assert "error" not in wait_for(client, LIGHTNING, rid)
+    assert gate.batches == [[rid]] and waits == []

@@ -141,3 +141,18 @@ def test_models_make_tiny_writes_an_hf_cache(tmp_path, workdir):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["cache_dir"] == str(tmp_path / "cache")
     assert (tmp_path / "cache" / "models--ByteDance--Hyper-SD").is_dir()
+
+
+def test_serve_compile_flag_reaches_the_settings(monkeypatch) -> None:
+    """``--compile true|false|auto`` becomes the compile setting (None: on with CUDA); other words exit 2."""
+    from server import cli
+
+    seen: list[object] = []
+    monkeypatch.setattr("server.app.create_app", lambda settings: seen.append(settings.compile) or object())
+    monkeypatch.setattr("server.draining.run", lambda app, **kwargs: None)
+    for word, value in (("true", True), ("false", False), ("auto", None), ("FALSE", False)):
+        assert cli.main(["serve", "--compile", word]) == 0
+        assert seen[-1] is value
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--compile", "maybe"])
+    assert exc.value.code == 2

@@ -300,3 +300,35 @@ def test_warm_up_runs_each_variant_then_each_served_size_on_cuda(engine) -> None
     real = Recorder("cpu")
     real.run = engine.run  # and the sizes really run through the engine
     warm_up(real, sizes=[(96, 64)])
+
+
+def test_a_compiled_engine_warms_every_variant_size_and_batch_bucket(engine) -> None:
+    """With torch.compile a graph exists per module and shape: the warm-up runs each variant at each
+    size at batches of 1, 2, 4 and 8 (one engine.run per batch), so none compiles on a user request."""
+    from types import SimpleNamespace
+
+    from pipelines.optimize import SpeedOptions
+    from pipelines.types import InpaintResult
+    from server.engine_host import warm_up
+
+    runs: list[tuple[tuple[str, int], tuple[int, int], int]] = []
+
+    class Compiled:
+        variants = engine.variants
+        device = SimpleNamespace(type="cuda")
+        speed = SpeedOptions(compile=True)
+
+        def run(self, requests):
+            first = requests[0]
+            assert all(
+                (r.app_id, r.steps, r.image_size) == (first.app_id, first.steps, first.image_size) for r in requests
+            )
+            runs.append(((first.app_id, first.steps), first.image_size, len(requests)))
+            return [InpaintResult(request_id=r.request_id) for r in requests]
+
+    warm_up(Compiled(), sizes=[(1024, 1024), (768, 1024)])
+    variants = sorted(engine.variants)
+    expected = [(v, (64, 64), 1) for v in variants] + [
+        (v, size, batch) for v in variants for size in [(1024, 1024), (768, 1024)] for batch in (1, 2, 4, 8)
+    ]
+    assert runs == expected

@@ -1,0 +1,141 @@
+"""The engine with every speed lever on (as on CUDA) computes what the plain engine computes.
+
+An engine loaded with fused QKV, channels_last and torch.compile (the eager backend: on CPU the
+capture is checked, not Inductor's code) pads UNet batches to the buckets 1/2/4/8, keeps a batch's
+shape when one of its requests is cancelled, and serves repeated prompts from the prompt cache,
+with images equal to the plain engine's (within rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipelines.engine import Engine
+from pipelines.errors import RequestCancelled
+from pipelines.optimize import SpeedOptions
+from pipelines.types import InpaintRequest
+from tests.helpers import box_mask, noise_image
+
+APP = "fal-ai/fast-lightning-sdxl/inpainting"
+
+
+@pytest.fixture(scope="module")
+def fast_engine(spec: Any, resolver: Any) -> Engine:
+    speed = SpeedOptions(fuse_qkv=True, channels_last=True, compile=True, compile_backend="eager")
+    return Engine.load(
+        spec,
+        device="cpu",
+        resolver=resolver,
+        variants=[(APP, 4)],
+        safety_checker=False,
+        prompt_expansion=False,
+        speed=speed,
+        prompt_cache_size=16,
+    )
+
+
+class DenoiseSpy:
+    """Wraps ``pipe.denoise``: records each batch's rows and input images, and what ``on_step`` returned."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.original = pipe.denoise
+        self.batches: list[tuple[int, int]] = []
+        self.keeps: list[Any] = []
+
+    def __call__(self, batch: Any, scheduler: Any, timesteps: Any, eta: Any = None, on_step: Any = None):
+        self.batches.append((len(batch.image_of), batch.images.shape[0]))
+
+        def recording(i: int, total: int):
+            keep = on_step(i, total)
+            self.keeps.append(keep)
+            return keep
+
+        return self.original(batch, scheduler, timesteps, eta, recording if on_step else None)
+
+
+@pytest.fixture
+def spy(fast_engine: Engine) -> Iterator[DenoiseSpy]:
+    pipe = fast_engine.pipeline(fast_engine.variants[(APP, 4)])
+    recorder = DenoiseSpy(pipe)
+    pipe.denoise = recorder
+    yield recorder
+    del pipe.denoise  # back to the class's method
+
+
+def _request(seed: int, prompt: str, request_id: str, num_images: int = 1) -> InpaintRequest:
+    return InpaintRequest(
+        app_id=APP,
+        image=noise_image(64, 48, seed=seed),
+        mask=box_mask(),
+        prompt=prompt,
+        steps=4,
+        seed=seed,
+        image_size=(64, 48),
+        num_images=num_images,
+        enable_safety_checker=False,
+        request_id=request_id,
+    )
+
+
+def _max_diff(a: Any, b: Any) -> int:
+    return int(np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max())
+
+
+def test_padded_batch_gives_the_plain_engines_images(fast_engine: Engine, engine: Engine, spy: DenoiseSpy) -> None:
+    """Three requests (4 images) -> one UNet batch of 4; two requests of 3 images -> 6 rows padded to 8."""
+    requests = [_request(1, "a red door", "a"), _request(2, "a blue car", "b", 2), _request(3, "a boat", "c")]
+    fast = fast_engine.run(requests)
+    plain = [engine.run([r])[0] for r in requests]
+    assert spy.batches == [(4, 4)]  # 4 rows; 3 input images padded to the bucket of 4
+    for f, p in zip(fast, plain, strict=True):
+        assert f.error is None and len(f.images) == len(p.images)
+        assert max(_max_diff(x, y) for x, y in zip(f.images, p.images, strict=True)) <= 2
+
+    spy.batches.clear()
+    results = fast_engine.run([_request(4, "x", "d", 3), _request(5, "y", "e", 3)])
+    assert spy.batches == [(8, 2)]  # 6 rows padded to 8; 2 input images are a bucket already
+    assert [len(r.images) for r in results] == [3, 3]
+
+
+def test_cancel_keeps_a_compiled_batch_at_its_shape(fast_engine: Engine, engine: Engine, spy: DenoiseSpy) -> None:
+    """One of two requests is cancelled after the first step: the batch runs on at its shape (no new
+    graph), the cancelled one ends cancelled, the other gets the image it gets alone."""
+    keep, drop = _request(6, "a red door", "keep"), _request(7, "a blue car", "drop")
+    results = fast_engine.run([keep, drop], should_stop=lambda rid: rid == "drop")
+    assert spy.keeps[:-1] == [None] * (len(spy.keeps) - 1)  # never shrank
+    assert isinstance(results[1].error, RequestCancelled)
+    assert results[0].error is None
+    assert _max_diff(results[0].images[0], engine.run([keep])[0].images[0]) <= 2
+
+
+def test_cancelling_every_request_stops_at_once(fast_engine: Engine, spy: DenoiseSpy) -> None:
+    steps: list[int] = []
+    results = fast_engine.run(
+        [_request(8, "a", "x"), _request(9, "b", "y")],
+        should_stop=lambda rid: True,
+        on_progress=lambda rid, step, total: steps.append(step),
+    )
+    assert all(isinstance(r.error, RequestCancelled) for r in results)
+    assert spy.keeps == [[]]  # nothing left after the first step: the loop ends
+    assert set(steps) == {1}
+
+
+def test_repeated_prompts_come_from_the_cache(fast_engine: Engine) -> None:
+    cache = fast_engine.prompt_cache
+    first = fast_engine.run([_request(10, "a lighthouse at dusk", "p1")])[0]
+    hits = cache.hits
+    again = fast_engine.run([_request(10, "a lighthouse at dusk", "p2")])[0]
+    assert cache.hits == hits + 1
+    assert again.images[0].tobytes() == first.images[0].tobytes()
+
+
+def test_cpu_defaults_leave_the_engine_plain(engine: Engine) -> None:
+    """Engine.load on CPU applies no lever (the suite's shared engine): nothing padded, nothing compiled."""
+    assert engine.speed == SpeedOptions()
+    pipe = engine.pipeline(engine.variants[(APP, 4)])
+    assert not getattr(pipe.unet, "_inpaint_compiled", False)
