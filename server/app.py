@@ -88,7 +88,7 @@ def create_app(
     )
     if engine is None and engine_loader is None:
         engine_loader = _default_loader(settings)
-    host = EngineHost(engine=engine, loader=engine_loader, warmup=settings.warmup)
+    host = EngineHost(engine=engine, loader=engine_loader, warmup=settings.warmup, warmup_sizes=settings.warmup_sizes)
     service = JobService(
         settings, store, files, host, metrics, webhooks, clock=clock, fetch_guard=fetch_guard, exit_process=exit_process
     )

@@ -16,12 +16,19 @@ class EngineHost:
     """Holds the engine. ``state`` is ``loading``, ``warming``, ``ready``, ``failed`` (did not load) or
     ``gpu_fault`` (a fatal GPU error or a hung GPU; the process is about to exit for a restart)."""
 
-    def __init__(self, engine: Any = None, loader: Callable[[], Any] | None = None, warmup: bool = True) -> None:
+    def __init__(
+        self,
+        engine: Any = None,
+        loader: Callable[[], Any] | None = None,
+        warmup: bool = True,
+        warmup_sizes: list[tuple[int, int]] | None = None,
+    ) -> None:
         if engine is None and loader is None:
             raise ValueError("give an engine or a loader")
         self.engine = engine
         self._loader = loader
         self._warmup = warmup
+        self._warmup_sizes = warmup_sizes
         self.state = "loading"
         self.error: str | None = None
         self._ready = asyncio.Event()
@@ -53,7 +60,7 @@ class EngineHost:
                 self.engine = self._loader()
             if self._warmup:
                 self.state = "warming"
-                warm_up(self.engine)
+                warm_up(self.engine, self._warmup_sizes)
             self.state = "ready"
             log.info("engine ready")
             loop.call_soon_threadsafe(self._ready.set)

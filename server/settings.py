@@ -65,13 +65,19 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Load only these variants, as APP or APP:STEPS (e.g. fast-lightning-sdxl:4). Default: all.",
     )
-    warmup: bool = Field(True, description="Run one small request per variant before reporting ready.")
+    warmup: bool = Field(True, description="Run every variant once (and warmup_sizes) before reporting ready.")
     max_batch_size: int = Field(4, ge=1, le=64, description="Most requests run together in one GPU batch.")
     compile: bool | None = Field(
         None,
         description="torch.compile the UNet and the VAE (with CUDA graphs), one graph per batch bucket (1/2/4/8) and "
         "image size, all built during the warm-up. Default: on with CUDA, off on CPU. The first start takes minutes; "
         "later ones read compile_cache_dir.",
+    )
+    warmup_sizes: Annotated[list[tuple[int, int]] | None, NoDecode] = Field(
+        None,
+        description="Image sizes the warm-up runs before the server is ready (presets or WxH, comma-separated), so "
+        "the first request at each pays no first-call or compile cost. Default: every image_size preset on CUDA, "
+        "none on CPU.",
     )
     compile_cache_dir: Path | None = Field(
         None, description="Where compiled kernels are kept between starts. Default: DATA_DIR/compile-cache."
@@ -204,6 +210,17 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("warmup_sizes", mode="before")
+    @classmethod
+    def _parse_sizes(cls, value: Any) -> Any:
+        from .image_sizes import parse_image_size
+
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            return [parse_image_size(item) if isinstance(item, str) else item for item in value]
         return value
 
     @field_validator("model_paths", mode="before")

@@ -185,7 +185,8 @@ def test_watchdog_marks_the_server_not_ready_and_leaves_the_job_for_the_restart(
     hang = Blocker("stuck")
     faults([], hang)
     data = tmp_path / "data"
-    server, exits = serve(data, step_timeout_s=0.5, gpu_fault_exit_delay_s=0)
+    # No batch window: the job submitted next must stay queued behind the hung batch, not join it.
+    server, exits = serve(data, step_timeout_s=0.5, gpu_fault_exit_delay_s=0, batch_window_ms=0)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         stuck = submit(client, prompt="stuck", seed=8)
         queued = submit(client, seed=9)

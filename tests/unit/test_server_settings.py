@@ -123,3 +123,12 @@ def test_tls_pair_switches_the_scheme(tmp_path: Path) -> None:
 def test_every_field_is_documented() -> None:
     for name, field in Settings.model_fields.items():
         assert field.description, name
+
+
+def test_warmup_sizes_take_presets_and_wxh(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().warmup_sizes is None  # default: the presets on CUDA, none on CPU
+    assert load_settings({"warmup_sizes": "square_hd, 512x768"}).warmup_sizes == [(1024, 1024), (512, 768)]
+    monkeypatch.setenv("INPAINT_WARMUP_SIZES", "1024x576")
+    assert load_settings().warmup_sizes == [(1024, 576)]
+    with pytest.raises(SettingsError, match=r"warmup_sizes: .*image size 'huge'"):
+        load_settings({"warmup_sizes": "huge"})
