@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import torch
-from bench_measure import PROMPT, Inputs, Row
+from bench_measure import Inputs, Row, prompt_for
 from bench_models import (
     APP,
     APP_NAME,
@@ -178,7 +178,7 @@ def request_body(inputs: Inputs, steps: int, seed: int, safety_checker: bool) ->
     return {
         "image_url": uri(inputs.image_bytes, "image/jpeg"),
         "mask_url": uri(inputs.mask_bytes, "image/png"),
-        "prompt": PROMPT,
+        "prompt": prompt_for(seed),
         "num_inference_steps": str(steps),
         "image_size": {"width": inputs.width, "height": inputs.height},
         "seed": seed,
