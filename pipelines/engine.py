@@ -155,6 +155,14 @@ class Engine:
     def device(self) -> torch.device:
         return self.store.device
 
+    def seal_compiled_shapes(self) -> None:
+        """After the warm-up: a shape it did not compile (a custom image_size, more than 8 rows, VAE
+        tiles) runs eagerly instead of compiling for minutes inside a request (and instead of failing
+        once torch's recompile limit is reached). No-op unless compiling."""
+        if self.speed.compile:
+            torch.compiler.set_stance("eager_on_recompile")
+            log.info("compiled shapes sealed: new shapes run eagerly")
+
     def pipeline(self, variant: VariantSpec) -> FewStepInpaintPipeline:
         return self.store.pipeline(variant, FewStepInpaintPipeline)
 
@@ -314,8 +322,10 @@ class Engine:
         A fatal CUDA error becomes :class:`GpuFatalError`; other errors pass through unchanged.
         """
         vae = self.pipeline(group[0].variant).vae
+        # VAE tiling/slicing reuses decoder outputs across calls, which CUDA graphs overwrite: eager.
+        eager = torch.compiler.set_stance("force_eager") if low_memory and self.speed.compile else nullcontext()
         try:
-            with low_memory_vae(vae) if low_memory else nullcontext():
+            with low_memory_vae(vae) if low_memory else nullcontext(), eager:
                 return self._run_group(group, should_stop, on_progress)
         except Exception as exc:
             kind = classify_gpu_error(exc)
@@ -454,7 +464,11 @@ class Engine:
         if rows:
             self._fault_point("decode", group, pipe)
             decoded, usable = pipe.decode(latents)
-            retry = [k for k, ok in enumerate(usable) if not ok and rows[k] < real_rows]
+            retry = [
+                k
+                for k, ok in enumerate(usable)
+                if not ok and rows[k] < real_rows and image_of[rows[k]] not in cancelled
+            ]
             if retry:  # NaN/inf or all black: decode those rows again in fp32 before giving up on them
                 log.warning("VAE decode: NaN/inf or a black frame in %d image(s); decoding again in fp32", len(retry))
                 again, usable_again = pipe.decode(latents[retry], upcast=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusionXLInpaintPipeline
+from diffusers import AutoencoderKL, StableDiffusionXLInpaintPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 # Called after step i (0-based) with the number of steps; returns the indices (into the current
@@ -192,21 +192,31 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
 
         Unusable means a NaN/inf value anywhere, or a frame that is black everywhere (what an
         overflowing half-precision decode turns into once clamped). ``upcast`` decodes in fp32 (the
-        VAE is cast up for the call and back afterwards; both casts are exact), which is the cure for
-        a half-precision overflow.
+        cure for a half-precision overflow) with a temporary fp32 copy of the VAE, eagerly: the
+        shared VAE, its compiled graphs and its fused weights stay as they are.
         """
-        vae = self.vae
-        dtype = vae.dtype
-        if upcast and dtype != torch.float32:
-            vae.to(torch.float32)
-        try:
-            scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+        vae = self.vae if not upcast or self.vae.dtype == torch.float32 else _fp32_copy(self.vae)
+        scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+        if vae is self.vae:
             image = vae.decode(scaled, return_dict=False)[0]
-        finally:
-            if vae.dtype != dtype:
-                vae.to(dtype)
+        else:
+            with torch.compiler.set_stance("force_eager"):
+                image = vae.decode(scaled, return_dict=False)[0]
         flat = image.flatten(1)
         # Black after the [-1, 1] -> [0, 255] conversion: every value below half a grey level.
         lit = (flat.float() >= -1 + 1 / 255).any(dim=1)
         usable = (torch.isfinite(flat).all(dim=1) & lit).tolist()
         return (image.float() / 2 + 0.5).clamp(0, 1), usable
+
+
+def _fp32_copy(vae: AutoencoderKL) -> AutoencoderKL:
+    """An fp32 copy of ``vae`` on its device, built from its weights (not its compiled module)."""
+    with torch.device("meta"):
+        copy = type(vae).from_config(vae.config)
+    # A fused VAE's state also holds to_qkv/to_kv: the plain copy takes the separate weights it knows.
+    state = {k: v.to(torch.float32) for k, v in vae.state_dict().items()}
+    missing, _ = copy.load_state_dict(state, strict=False, assign=True)
+    if missing:
+        raise RuntimeError(f"fp32 VAE copy: weights missing for {missing[:5]}")
+    copy.use_tiling, copy.use_slicing = getattr(vae, "use_tiling", False), getattr(vae, "use_slicing", False)
+    return copy.eval()

@@ -66,6 +66,8 @@ class SlowClientProtocol(H11Protocol):
         self._body_since: float | None = None  # reading a body since
         self._body_bytes = 0
         self._last_data = 0.0
+        self._paused = 0.0  # seconds of the body phase during which the server itself stopped reading
+        self._last_check = 0.0
 
     # -------------------------------------------------------------- asyncio.Protocol
 
@@ -92,6 +94,12 @@ class SlowClientProtocol(H11Protocol):
         super().on_response_complete()
         self._update_phase(self.loop.time())
 
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        # The connection is handed to a WebSocket protocol: these deadlines no longer apply to it.
+        self._headers_since = self._body_since = None
+        self._cancel()
+        super().handle_websocket_upgrade(event)
+
     # -------------------------------------------------------------- deadlines
 
     def _update_phase(self, now: float) -> None:
@@ -99,9 +107,13 @@ class SlowClientProtocol(H11Protocol):
         state = self.conn.their_state
         if state is not h11.IDLE:
             self._headers_since = None  # the headers are in
+        elif self._headers_since is None and self.timeout_keep_alive_task is None and not self.transport.is_closing():
+            # Waiting for the next request with no keep-alive timer: the app answered before reading the
+            # body, and uvicorn began the next cycle when the body ended. That wait gets a deadline too.
+            self._headers_since = now
         if state is h11.SEND_BODY:
             if self._body_since is None:
-                self._body_since, self._last_data = now, now
+                self._body_since, self._last_data, self._last_check, self._paused = now, now, now, 0.0
                 # Bytes of the body that came in the same packet as the headers.
                 self._body_bytes = len(self.cycle.body) if self.cycle is not None else 0
         else:
@@ -131,9 +143,12 @@ class SlowClientProtocol(H11Protocol):
         if self._body_since is not None:
             if self.flow.read_paused:  # the server's own back-pressure: not the client's fault
                 self._last_data = now
+                self._paused += now - self._last_check
+            self._last_check = now
             elapsed = now - self._body_since
             idle = now - self._last_data
-            slow = elapsed > self.body_timeout_s and self._body_bytes / elapsed < self.min_body_rate
+            sending = elapsed - self._paused  # time the client could have been sending
+            slow = sending > self.body_timeout_s and self._body_bytes / sending < self.min_body_rate
             if idle > self.body_timeout_s or slow:
                 self._close("body", elapsed)
                 return
@@ -157,7 +172,8 @@ class SlowClientProtocol(H11Protocol):
                 (b"x-fal-error-type", b"request_timeout"),
             ]
             try:
-                self.transport.write(self.conn.send(h11.Response(status_code=408, headers=headers)))
+                response = h11.Response(status_code=408, headers=headers, reason=b"Request Timeout")
+                self.transport.write(self.conn.send(response))
                 self.transport.write(self.conn.send(h11.Data(data=body)))
                 self.transport.write(self.conn.send(h11.EndOfMessage()))
             except h11.LocalProtocolError:

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 log = logging.getLogger("inpaint-server.engine")
@@ -14,7 +15,12 @@ log = logging.getLogger("inpaint-server.engine")
 
 class EngineHost:
     """Holds the engine. ``state`` is ``loading``, ``warming``, ``ready``, ``failed`` (did not load) or
-    ``gpu_fault`` (a fatal GPU error or a hung GPU; the process is about to exit for a restart)."""
+    ``gpu_fault`` (a fatal GPU error or a hung GPU; the process is about to exit for a restart).
+
+    ``gpu`` is the one thread that runs the engine (the warm-up and every batch): CUDA graphs, and
+    the memory pool they record into, belong to the thread that captured them, so a warm-up on one
+    thread and requests on others would capture everything again, per thread.
+    """
 
     def __init__(
         self,
@@ -32,6 +38,7 @@ class EngineHost:
         self.state = "loading"
         self.error: str | None = None
         self._ready = asyncio.Event()
+        self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self._thread: threading.Thread | None = None
 
     @property
@@ -60,7 +67,7 @@ class EngineHost:
                 self.engine = self._loader()
             if self._warmup:
                 self.state = "warming"
-                warm_up(self.engine, self._warmup_sizes)
+                self.gpu.submit(self._warm).result()
             self.state = "ready"
             log.info("engine ready")
             loop.call_soon_threadsafe(self._ready.set)
@@ -69,6 +76,12 @@ class EngineHost:
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("engine failed to load")
             loop.call_soon_threadsafe(self._ready.set)  # wake waiters: they check ``ready`` and fail jobs
+
+    def _warm(self) -> None:
+        warm_up(self.engine, self._warmup_sizes)
+        seal = getattr(self.engine, "seal_compiled_shapes", None)
+        if seal is not None:
+            seal()  # from now on a shape the warm-up did not compile runs eagerly instead of compiling
 
 
 def warm_up(engine: Any, sizes: list[tuple[int, int]] | None = None, buckets: tuple[int, ...] | None = None) -> None:

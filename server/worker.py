@@ -144,8 +144,10 @@ class GpuWorker:
             self._queue_changed.clear()
             changed = asyncio.ensure_future(self._queue_changed.wait())
             pending = {t for t in self._prep.values() if not t.done()}
-            await asyncio.wait(pending | {changed}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
+            try:
+                await asyncio.wait(pending | {changed}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
             batch = self._collect(head, prep)
         return batch
 
@@ -164,8 +166,10 @@ class GpuWorker:
         waits = {task, changed}
         if not task.done() and self._downloads(head):
             waits |= {t for t in self._prep.values() if not t.done()}
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        changed.cancel()
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
         if not task.done() or head_id not in self.queue or self.jobs.draining:
             return
         prep = task.result()
@@ -210,7 +214,9 @@ class GpuWorker:
 
         self._last_progress = time.monotonic()
         try:
-            results = await self._watched(asyncio.to_thread(engine.run, prepared, should_stop, on_progress))
+            # On the host's single GPU thread, where the warm-up captured the CUDA graphs.
+            work = loop.run_in_executor(self.host.gpu, engine.run, prepared, should_stop, on_progress)
+            results = await self._watched(work)
         except (GpuFatalError, GpuHung) as exc:
             await self._gpu_fault(batch, str(exc))
             return

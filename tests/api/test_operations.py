@@ -332,3 +332,25 @@ def test_a_compiled_engine_warms_every_variant_size_and_batch_bucket(engine) -> 
         (v, size, batch) for v in variants for size in [(1024, 1024), (768, 1024)] for batch in (1, 2, 4, 8)
     ]
     assert runs == expected
+
+
+def test_warm_up_and_every_batch_run_on_one_gpu_thread(make_server, engine) -> None:
+    """CUDA graphs (and their memory pool) belong to the thread that captured them: the warm-up and all
+    batches must run on the same thread, or each thread would capture its own graphs again."""
+    threads: list[str] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(engine, name)
+
+        def run(self, requests, should_stop=None, on_progress=None):
+            threads.append(threading.current_thread().name)
+            return engine.run(requests, should_stop, on_progress)
+
+    server = make_server(engine_override=Recording(), warmup=True, max_batch_size=1)
+    with client_for(server) as client:
+        ids = [submit(client, seed=n)["request_id"] for n in range(3)]
+        for rid in ids:
+            assert "error" not in wait_for(client, LIGHTNING, rid)
+    assert len(threads) == len(engine.variants) + 3  # the warm-up's runs, then one per request
+    assert len(set(threads)) == 1 and threads[0].startswith("gpu"), threads

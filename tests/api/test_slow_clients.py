@@ -199,3 +199,21 @@ def test_a_slow_body_at_a_fair_rate_is_served(server: ServerProcess) -> None:
     with httpx.Client(base_url=server.url, timeout=10) as client:
         body_status = wait_all_completed(client, [request_id])[request_id]
     assert "error" not in body_status, body_status
+
+
+def test_an_answer_before_the_body_does_not_leave_the_connection_without_a_deadline(server: ServerProcess) -> None:
+    """The app answers before reading the body (a 404); the body then arrives and the client goes quiet.
+    uvicorn starts the next request cycle with no keep-alive timer; the header deadline still closes it."""
+    sock = _connect(server)
+    _send(sock, b"GET /queue/nope/requests/x/status HTTP/1.1\r\nHost: slow\r\nContent-Length: 5\r\n\r\n")
+    sock.setblocking(True)
+    sock.settimeout(10)
+    head = sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 404"), head[:200]
+    sock.sendall(b"abcde")
+    started = time.monotonic()
+    rest = _read_all(sock, timeout=HEADER_TIMEOUT + 8)
+    elapsed = time.monotonic() - started
+    sock.close()
+    assert b"HTTP/1.1" not in rest  # closed without another answer
+    assert elapsed <= HEADER_TIMEOUT + 3.0, f"still open after {elapsed:.1f} s"

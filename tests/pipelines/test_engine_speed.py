@@ -16,6 +16,7 @@ import pytest
 
 from pipelines.engine import Engine
 from pipelines.errors import RequestCancelled
+from pipelines.gpu_faults import low_memory_vae
 from pipelines.optimize import SpeedOptions
 from pipelines.types import InpaintRequest
 from tests.helpers import box_mask, noise_image
@@ -139,3 +140,75 @@ def test_cpu_defaults_leave_the_engine_plain(engine: Engine) -> None:
     assert engine.speed == SpeedOptions()
     pipe = engine.pipeline(engine.variants[(APP, 4)])
     assert not getattr(pipe.unet, "_inpaint_compiled", False)
+
+
+def _compiled_frames() -> int:
+    """How many graphs dynamo has captured in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_after_sealing_a_new_shape_runs_eagerly_and_matches(fast_engine: Engine, engine: Engine) -> None:
+    """Once sealed (after the warm-up), a size the warm-up never ran is not compiled: it runs eagerly,
+    with the same image; a warmed shape still uses its graph."""
+    import torch
+
+    fast_engine.run([_request(11, "warm", "w1")])  # 64x48 at batch 1: compiled by now
+    odd = InpaintRequest(
+        app_id=APP,
+        image=noise_image(72, 56, seed=12),
+        mask=box_mask(72, 56),
+        prompt="an odd size",
+        steps=4,
+        seed=12,
+        image_size=(72, 56),
+        enable_safety_checker=False,
+        request_id="odd",
+    )
+    fast_engine.seal_compiled_shapes()
+    try:
+        before = _compiled_frames()
+        (result,) = fast_engine.run([odd])
+        assert _compiled_frames() == before  # nothing compiled for the new shape
+    finally:
+        torch.compiler.set_stance("default")
+    assert result.error is None
+    assert _max_diff(result.images[0], engine.run([odd])[0].images[0]) <= 2
+
+
+def test_low_memory_retry_runs_eagerly_on_a_compiled_engine(fast_engine: Engine, engine: Engine) -> None:
+    """An OOM just before the VAE decode: the retry with VAE tiling and slicing runs with compilation off
+    (tiles reuse decoder outputs that CUDA graphs would overwrite): nothing is compiled during it, although
+    its decoder shapes are new, and it gives the plain engine's tiled image."""
+    from pipelines.fault_injection import FaultPoint, inject
+
+    at_tiled_decode: list[int] = []
+
+    def hook(point: FaultPoint) -> None:
+        if point.name == "decode" and not point.vae_tiling:
+            inject("oom", "decode")
+        if point.name == "decode" and point.vae_tiling:
+            at_tiled_decode.append(_compiled_frames())
+
+    request = InpaintRequest(  # a size no other test uses: its decoder shape was never compiled
+        app_id=APP,
+        image=noise_image(88, 40, seed=13),
+        mask=box_mask(88, 40),
+        prompt="a red door",
+        steps=4,
+        seed=13,
+        image_size=(88, 40),
+        enable_safety_checker=False,
+        request_id="oom",
+    )
+    fast_engine.fault_hook = hook
+    try:
+        (result,) = fast_engine.run([request])
+    finally:
+        fast_engine.fault_hook = None
+    assert result.error is None and len(at_tiled_decode) == 1
+    assert _compiled_frames() == at_tiled_decode[0]  # the tiled decode compiled nothing
+    with low_memory_vae(engine.pipeline(engine.variants[(APP, 4)]).vae):  # the same tiles, plain engine
+        expected = engine.run([request])[0]
+    assert _max_diff(result.images[0], expected.images[0]) <= 2
