@@ -47,6 +47,20 @@ CORS_EXPOSE = ["x-fal-request-id", "x-fal-request-timeout-type", "x-fal-error-ty
 IMAGE_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png"}
 
 
+async def _prime_routes(app: FastAPI) -> None:
+    """FastAPI builds the routes of included routers on the first request that walks them (~80 ms here,
+    paid by the first user request: reliability case R18). One in-process request for a path that no
+    route matches walks them all at start instead; one call into anyio's worker threads loads its
+    backend, which the first route with a sync dependency would otherwise import."""
+    import anyio.to_thread
+    import httpx
+
+    await anyio.to_thread.run_sync(lambda: None)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://prime.invalid") as client:
+        await client.get("/.well-known/inpaint-server/prime-routes")
+
+
 def create_app(
     settings: Settings,
     engine: Any = None,
@@ -100,6 +114,7 @@ def create_app(
         host.start()
         await service.start()
         webhooks.start()
+        await _prime_routes(app)
         try:
             yield
         finally:
