@@ -421,8 +421,12 @@ class Engine:
         if self.speed.pads_batches:
             # Compiled graphs exist per shape: pad the UNet batch (and the VAE encode's) to a bucket.
             # Padding rows repeat the last real row with their own noise; they are dropped after decode.
-            embeds, pooled, image_of, generators = _pad_rows(embeds, pooled, image_of, generators, device)
-            images, masks = _pad_images(images, masks)
+            extra = batch_bucket(real_rows) - real_rows
+            embeds, pooled = _repeat_last(embeds, extra), _repeat_last(pooled, extra)
+            image_of = image_of + [image_of[-1]] * extra
+            generators = generators + [torch.Generator(device=device).manual_seed(k) for k in range(extra)]
+            extra = batch_bucket(len(images)) - len(images)
+            images, masks = _repeat_last(images, extra), _repeat_last(masks, extra)
         batch = DenoiseBatch(
             prompt_embeds=embeds,
             pooled_embeds=pooled,
@@ -530,32 +534,9 @@ class Engine:
         return results
 
 
-def _pad_rows(
-    embeds: torch.Tensor,
-    pooled: torch.Tensor,
-    image_of: list[int],
-    generators: list[torch.Generator],
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, list[int], list[torch.Generator]]:
-    """Rows up to the batch bucket: copies of the last row, each with a fresh generator."""
-    extra = batch_bucket(len(image_of)) - len(image_of)
-    if not extra:
-        return embeds, pooled, image_of, generators
-    embeds = torch.cat([embeds, embeds[-1:].expand(extra, *embeds.shape[1:])])
-    pooled = torch.cat([pooled, pooled[-1:].expand(extra, *pooled.shape[1:])])
-    padding = [torch.Generator(device=device).manual_seed(k) for k in range(extra)]
-    return embeds, pooled, image_of + [image_of[-1]] * extra, generators + padding
-
-
-def _pad_images(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input images (one VAE encode each) up to the batch bucket, so the encoder sees few shapes too."""
-    extra = batch_bucket(images.shape[0]) - images.shape[0]
-    if not extra:
-        return images, masks
-    return (
-        torch.cat([images, images[-1:].expand(extra, *images.shape[1:])]),
-        torch.cat([masks, masks[-1:].expand(extra, *masks.shape[1:])]),
-    )
+def _repeat_last(rows: torch.Tensor, extra: int) -> torch.Tensor:
+    """``rows`` with its last row repeated ``extra`` more times (padding a batch to its bucket)."""
+    return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])]) if extra else rows
 
 
 def _clip(text: str, limit: int = 200) -> str:

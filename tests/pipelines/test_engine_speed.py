@@ -68,15 +68,17 @@ def spy(fast_engine: Engine) -> Iterator[DenoiseSpy]:
     del pipe.denoise  # back to the class's method
 
 
-def _request(seed: int, prompt: str, request_id: str, num_images: int = 1) -> InpaintRequest:
+def _request(
+    seed: int, prompt: str, request_id: str, num_images: int = 1, size: tuple[int, int] = (64, 48)
+) -> InpaintRequest:
     return InpaintRequest(
         app_id=APP,
-        image=noise_image(64, 48, seed=seed),
-        mask=box_mask(),
+        image=noise_image(*size, seed=seed),
+        mask=box_mask(*size),
         prompt=prompt,
         steps=4,
         seed=seed,
-        image_size=(64, 48),
+        image_size=size,
         num_images=num_images,
         enable_safety_checker=False,
         request_id=request_id,
@@ -155,17 +157,7 @@ def test_after_sealing_a_new_shape_runs_eagerly_and_matches(fast_engine: Engine,
     import torch
 
     fast_engine.run([_request(11, "warm", "w1")])  # 64x48 at batch 1: compiled by now
-    odd = InpaintRequest(
-        app_id=APP,
-        image=noise_image(72, 56, seed=12),
-        mask=box_mask(72, 56),
-        prompt="an odd size",
-        steps=4,
-        seed=12,
-        image_size=(72, 56),
-        enable_safety_checker=False,
-        request_id="odd",
-    )
+    odd = _request(12, "an odd size", "odd", size=(72, 56))
     fast_engine.seal_compiled_shapes()
     try:
         before = _compiled_frames()
@@ -191,17 +183,7 @@ def test_low_memory_retry_runs_eagerly_on_a_compiled_engine(fast_engine: Engine,
         if point.name == "decode" and point.vae_tiling:
             at_tiled_decode.append(_compiled_frames())
 
-    request = InpaintRequest(  # a size no other test uses: its decoder shape was never compiled
-        app_id=APP,
-        image=noise_image(88, 40, seed=13),
-        mask=box_mask(88, 40),
-        prompt="a red door",
-        steps=4,
-        seed=13,
-        image_size=(88, 40),
-        enable_safety_checker=False,
-        request_id="oom",
-    )
+    request = _request(13, "a red door", "oom", size=(88, 40))  # a size no other test uses: never compiled
     fast_engine.fault_hook = hook
     try:
         (result,) = fast_engine.run([request])
