@@ -83,6 +83,18 @@ def check_tokens_free(parsed: ParsedEmbedding, tokenizers) -> None:
 
 
 @contextmanager
+def _weights_editable() -> Iterator[None]:
+    """Inference mode off (grad still off) while an encoder's embedding table is replaced.
+
+    The engine runs under ``torch.inference_mode()``; weights made there would be inference tensors,
+    which diffusers' load/unload cannot edit (``weight.data = ...`` needs a version counter). Tensors
+    made here are ordinary ones, and later inference-mode calls read them as usual.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+@contextmanager
 def textual_inversion(pipe, parsed: ParsedEmbedding | None) -> Iterator[None]:
     """Load ``parsed`` into both encoders for the duration of the block; always unload, even on error."""
     if parsed is None:
@@ -97,14 +109,16 @@ def textual_inversion(pipe, parsed: ParsedEmbedding | None) -> Iterator[None]:
     try:
         for vectors, encoder, tokenizer in pairs:
             try:
-                pipe.load_textual_inversion(
-                    vectors.to(encoder.dtype), token=parsed.tokens, text_encoder=encoder, tokenizer=tokenizer
-                )
+                with _weights_editable():
+                    pipe.load_textual_inversion(
+                        vectors.to(encoder.dtype), token=parsed.tokens, text_encoder=encoder, tokenizer=tokenizer
+                    )
             except ValueError as exc:
                 raise InputError(FIELD, str(exc).splitlines()[0]) from exc
             loaded.append((encoder, tokenizer))
         yield
     finally:
         for encoder, tokenizer in reversed(loaded):
-            pipe.unload_textual_inversion(tokens=parsed.all_tokens, text_encoder=encoder, tokenizer=tokenizer)
+            with _weights_editable():
+                pipe.unload_textual_inversion(tokens=parsed.all_tokens, text_encoder=encoder, tokenizer=tokenizer)
             encoder.config.vocab_size = encoder.get_input_embeddings().num_embeddings  # diffusers leaves it grown

@@ -236,6 +236,7 @@ class Engine:
         solo = id(p) if p.embedding is not None or p.nothing_to_paint else None
         return (p.variant.app_id, p.variant.steps, tuple(p.timesteps), p.inputs.work_size, solo)
 
+    @torch.inference_mode()
     def run(
         self,
         requests: Sequence[InpaintRequest | PreparedRequest],
@@ -250,6 +251,9 @@ class Engine:
         :meth:`_run_fitting`). Exceptions escape only for faults of the whole process or batch:
         :class:`GpuFatalError` when the CUDA context is broken (the caller must restart the process),
         or an unexpected bug.
+
+        Everything runs under ``torch.inference_mode()``: no autograd graph is ever recorded, so nothing
+        a result or the prompt cache keeps holds activations alive.
         """
         results: list[InpaintResult | None] = [None] * len(requests)
         groups: dict[Hashable, list[tuple[int, PreparedRequest]]] = {}

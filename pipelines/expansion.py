@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .loading import frozen
 from .specs import ExpansionSpec
 
 
@@ -22,7 +23,7 @@ class PromptExpander:
         self.spec = spec
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).to(device).eval()
+        self.model = frozen(AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True), device)
 
     @torch.no_grad()
     def expand(self, prompt: str, seed: int) -> str:

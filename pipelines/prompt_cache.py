@@ -56,8 +56,9 @@ class PromptCache:
             embeds, pooled = encode_fn(missing)
             with self._lock:
                 for i, p in enumerate(missing):
-                    # Own copies: a slice would keep the whole batch's tensor alive.
-                    entry = (embeds[i].clone(), pooled[i].clone())
+                    # Own copies (a slice would keep the whole batch's tensor alive), detached: an entry must
+                    # never hold an autograd graph, whatever mode the caller encoded in.
+                    entry = (embeds[i].detach().clone(), pooled[i].detach().clone())
                     found[p] = entry
                     self._entries[(key, p)] = entry
                 while len(self._entries) > self.capacity:

@@ -10,6 +10,8 @@ import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from PIL import Image
 
+from .loading import frozen
+
 
 def _image_processor(folder: Path):
     # transformers' default CLIPImageProcessor needs torchvision (GPU extra); the PIL one does the same work.
@@ -27,8 +29,8 @@ class SafetyChecker:
         self.device = device
         self.dtype = dtype
         self.processor = _image_processor(folder)
-        self.model = (
-            StableDiffusionSafetyChecker.from_pretrained(folder, use_safetensors=True, dtype=dtype).to(device).eval()
+        self.model = frozen(
+            StableDiffusionSafetyChecker.from_pretrained(folder, use_safetensors=True, dtype=dtype), device
         )
 
     @torch.no_grad()

@@ -77,3 +77,33 @@ def test_capacity_zero_turns_caching_off(encoder: CountingEncoder) -> None:
     assert len(encoder.calls) == 2 and len(cache) == 0
     with pytest.raises(ValueError):
         PromptCache(capacity=-1)
+
+
+def test_the_engine_caches_embeddings_without_autograd_graphs(engine: Any) -> None:
+    """Issue 10 §1: an embedding the engine's prompt cache keeps holds no autograd graph (no grad_fn),
+    and no module the engine loaded has a parameter that requires grad."""
+    from pipelines.types import InpaintRequest
+    from tests.helpers import box_mask, noise_image
+
+    engine.prompt_cache.clear()
+    request = InpaintRequest(
+        app_id=APP,
+        image=noise_image(),
+        mask=box_mask(),
+        prompt="a cached prompt",
+        steps=4,
+        image_size=(64, 48),
+        enable_safety_checker=False,
+    )
+    assert engine.run([request])[0].error is None
+    assert len(engine.prompt_cache) == 1
+    for tensor in next(iter(engine.prompt_cache._entries.values())):
+        assert tensor.grad_fn is None and not tensor.requires_grad
+
+    modules = {id(m): m for m in engine.store._cache.values() if isinstance(m, torch.nn.Module)}
+    for pipe in (engine.pipeline(v) for v in engine.variants.values()):
+        modules.update({id(m): m for m in pipe.components.values() if isinstance(m, torch.nn.Module)})
+    modules[id(engine.safety_checker.model)] = engine.safety_checker.model
+    modules[id(engine.expander.model)] = engine.expander.model
+    trainable = [type(m).__name__ for m in modules.values() if any(p.requires_grad for p in m.parameters())]
+    assert len(modules) > 5 and trainable == []
