@@ -88,7 +88,8 @@ def _weights_editable() -> Iterator[None]:
 
     The engine runs under ``torch.inference_mode()``; weights made there would be inference tensors,
     which diffusers' load/unload cannot edit (``weight.data = ...`` needs a version counter). Tensors
-    made here are ordinary ones, and later inference-mode calls read them as usual.
+    made here are ordinary ones, and later inference-mode calls read them as usual. diffusers builds
+    the new embedding tables as trainable ``nn.Embedding``s: the caller freezes them again.
     """
     with torch.inference_mode(False), torch.no_grad():
         yield
@@ -114,11 +115,14 @@ def textual_inversion(pipe, parsed: ParsedEmbedding | None) -> Iterator[None]:
                         vectors.to(encoder.dtype), token=parsed.tokens, text_encoder=encoder, tokenizer=tokenizer
                     )
             except ValueError as exc:
+                encoder.requires_grad_(False)
                 raise InputError(FIELD, str(exc).splitlines()[0]) from exc
+            encoder.requires_grad_(False)
             loaded.append((encoder, tokenizer))
         yield
     finally:
         for encoder, tokenizer in reversed(loaded):
             with _weights_editable():
                 pipe.unload_textual_inversion(tokens=parsed.all_tokens, text_encoder=encoder, tokenizer=tokenizer)
+            encoder.requires_grad_(False)
             encoder.config.vocab_size = encoder.get_input_embeddings().num_embeddings  # diffusers leaves it grown

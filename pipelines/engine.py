@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import threading
@@ -11,11 +12,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from . import images as imgs
+from . import tensors
 from .embeddings import ParsedEmbedding, check_tokens_free, parse_embedding, textual_inversion
 from .errors import EngineError, GpuFatalError, GpuOutOfMemory, InputError, NonFiniteOutputError, RequestCancelled
 from .expansion import PromptExpander
@@ -24,16 +25,20 @@ from .gpu_faults import check_device, classify_gpu_error, first_line, free_memor
 from .hub import EXPANSION_FILES, SAFETY_CHECKER_FILES, Resolver, resolve_repo
 from .inpaint import DenoiseBatch, FewStepInpaintPipeline
 from .loading import ModelStore
-from .optimize import SpeedOptions, batch_bucket, optimize_pipeline
+from .optimize import BATCH_BUCKETS, SpeedOptions, batch_bucket, optimize_pipeline
 from .prompt_cache import PromptCache
 from .safety import SafetyChecker
+from .sampling import Sampler, build_sampler
 from .schedules import make_scheduler, timesteps_for
 from .specs import AppSpec, ServingSpec, VariantSpec
+from .tensors import RequestTensors
 from .types import InpaintRequest, InpaintResult
 
 log = logging.getLogger(__name__)
 
 MAX_IMAGES = 8
+MAX_BATCH_ROWS = BATCH_BUCKETS[-1]  # image rows in one GPU batch: the largest compiled bucket
+assert MAX_IMAGES <= MAX_BATCH_ROWS  # so one request always fits in one batch
 MAX_SIDE = 14142  # fal's ImageSize bound
 SEED_RANGE = 2**64
 ShouldStop = Callable[[str], bool]
@@ -52,6 +57,9 @@ class PreparedRequest:
     inputs: imgs.FittedInputs
     embedding: ParsedEmbedding | None
     nothing_to_paint: bool
+    sampler: Sampler | None = None  # the schedule's numbers, computed on the host (None: nothing to paint)
+    pixels: RequestTensors | None = None  # the inputs as staged uint8 tensors (None: nothing to paint)
+    cut: str | None = None  # the prompt's part past CLIP's limit (unexpanded prompt), or None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -62,11 +70,6 @@ class PreparedRequest:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA (no fp16 VAE overflow, full tensor-core rate); fp32 on CPU (fp16 is very slow there)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Engine:
@@ -90,6 +93,7 @@ class Engine:
         self.work_pixels = spec.engine.work_pixels
         self.speed = speed or SpeedOptions()
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache(0)
+        self.max_batch_rows = MAX_BATCH_ROWS
         # prepare() (any thread) reads the tokenizers' vocabularies while run() may be adding an
         # embedding's tokens to them; both hold this lock for that part.
         self._vocab_lock = threading.Lock()
@@ -218,7 +222,8 @@ class Engine:
         image = imgs.to_rgb(imgs.open_image(request.image, "image_url", max_pixels))
         mask = imgs.to_mask(imgs.open_image(request.mask, "mask_url", max_pixels))
         fitted = imgs.fit(image, mask, request.image_size, self.work_pixels)
-        return PreparedRequest(
+        nothing_to_paint = not imgs.binarize(fitted.mask).any()
+        prepared = PreparedRequest(
             request=request,
             variant=variant,
             strength=strength,
@@ -226,9 +231,23 @@ class Engine:
             timesteps=timesteps,
             inputs=fitted,
             embedding=embedding,
-            nothing_to_paint=not imgs.binarize(fitted.mask).any(),
-            timings={"prepare": time.perf_counter() - started},
+            nothing_to_paint=nothing_to_paint,
         )
+        if not nothing_to_paint:
+            prepared.sampler = self._sampler(variant, timesteps)
+            prepared.pixels = RequestTensors.from_inputs(fitted, self.device)
+            if not request.expand_prompt:  # an expanded prompt is only known on the GPU thread
+                prepared.cut = self._truncated(variant, request.prompt)
+        prepared.timings["prepare"] = time.perf_counter() - started
+        return prepared
+
+    def _sampler(self, variant: VariantSpec, timesteps: list[int]) -> Sampler:
+        scheduler = make_scheduler(variant, self.store.scheduler_config(variant.base))
+        return build_sampler(scheduler, timesteps, self.store.dtype, variant.eta)
+
+    def _truncated(self, variant: VariantSpec, prompt: str) -> str | None:
+        with self._vocab_lock:  # the vocabulary may be growing (a textual inversion on the GPU thread)
+            return self.pipeline(variant).truncated_text(prompt)
 
     def batch_key(self, request: InpaintRequest | PreparedRequest) -> Hashable:
         """Requests with equal keys can share one UNet batch (same weights, timesteps and working size)."""
@@ -245,7 +264,10 @@ class Engine:
     ) -> list[InpaintResult]:
         """Run requests (grouped by batch key), one result per request in order.
 
-        A bad or cancelled request gets a result with ``error`` set; the others are unaffected. Out of
+        Requests with equal batch keys run together, in batches of at most ``max_batch_rows`` image rows
+        (``num_images`` summed; 8, the largest compiled bucket): more rows are split into several batches,
+        never into a shape the warm-up did not build. A bad or cancelled request gets a result with
+        ``error`` set; the others are unaffected. Out of
         GPU memory, a batch is run again one request at a time, then a request alone in low-memory mode
         (VAE tiling); one that still does not fit gets a :class:`GpuOutOfMemory` result (see
         :meth:`_run_fitting`). Exceptions escape only for faults of the whole process or batch:
@@ -265,13 +287,14 @@ class Engine:
                 continue
             groups.setdefault(self.batch_key(prepared), []).append((i, prepared))
         for members in groups.values():
-            batch = [p for _, p in members]
-            try:
-                group_results = self._run_fitting(batch, should_stop, on_progress)
-            except InputError as exc:  # e.g. an embedding refused while loading; nothing stays loaded
-                group_results = [InpaintResult(request_id=p.request_id, seed=p.seed, error=exc) for p in batch]
-            for (i, _), result in zip(members, group_results, strict=True):
-                results[i] = result
+            for chunk in chunk_by_rows(members, self.max_batch_rows):
+                batch = [p for _, p in chunk]
+                try:
+                    chunk_results = self._run_fitting(batch, should_stop, on_progress)
+                except InputError as exc:  # e.g. an embedding refused while loading; nothing stays loaded
+                    chunk_results = [InpaintResult(request_id=p.request_id, seed=p.seed, error=exc) for p in batch]
+                for (i, _), result in zip(chunk, chunk_results, strict=True):
+                    results[i] = result
         return [r for r in results if r is not None]
 
     # ------------------------------------------------------------------ GPU memory faults
@@ -377,69 +400,92 @@ class Engine:
     def _run_group(
         self, group: list[PreparedRequest], should_stop: ShouldStop | None, on_progress: OnProgress | None
     ) -> list[InpaintResult]:
+        """One batch, in the order of the recipe (each stage a method below)."""
         if all(p.nothing_to_paint for p in group):
             return [self._passthrough(p) for p in group]
-        variant = group[0].variant
-        pipe = self.pipeline(variant)
-        device = self.device
-        timings: dict[str, float] = {}
-
-        # 1. Prompts (expanded with the request's seed when asked).
-        clock = time.perf_counter()
-        prompts = []
-        for p in group:
-            prompt = p.request.prompt
-            if p.request.expand_prompt and self.expander is not None:
-                prompt = self.expander.expand(prompt, p.seed)
-            prompts.append(prompt)
-        if any(p.request.expand_prompt for p in group):
-            timings["prompt_expansion"] = time.perf_counter() - clock
-
-        # 2. Text encoding, one row per output image (embeddings loaded just for this).
-        clock = time.perf_counter()
-        per_image_prompts = [
-            prompt for p, prompt in zip(group, prompts, strict=True) for _ in range(p.request.num_images)
+        pipe = self.pipeline(group[0].variant)
+        clock = StageClock(self.device)
+        prompts, cut = self._expand_prompts(group, clock)  # 1. prompts (expanded with the seed when asked)
+        batch = self._batch(group, pipe, prompts)  # 2. text encoding, inputs to the device, padding
+        clock.mark("text_encoding")
+        latents, rows, cancelled = self._denoise(group, pipe, batch, should_stop, on_progress)  # 3. denoise
+        clock.mark("inference")
+        decoded = self._decode(group, pipe, batch, latents, rows, cancelled)  # 4. decode, NaN/inf check
+        clock.mark("decode")
+        outputs = self._composite(group, decoded)  # 5. composite onto the exact input pixels, on the device
+        clock.mark("postprocess")
+        flags = self._check_safety(group, outputs, decoded.bad | cancelled)  # 6. safety checker
+        if flags:
+            clock.mark("safety_checker")
+        images = {j: tensors.to_pil(out.cpu()) for j, out in outputs.items()}  # 7. only uint8 comes back
+        timings = clock.result()
+        return [
+            self._result(j, p, prompt, cut[j], images.get(j), flags.get(j), decoded, cancelled, timings)
+            for j, (p, prompt) in enumerate(zip(group, prompts, strict=True))
         ]
+
+    def _expand_prompts(self, group: list[PreparedRequest], clock: StageClock) -> tuple[list[str], list[str | None]]:
+        """The prompts the batch runs, and for each the part CLIP cannot see (computed in ``prepare``
+        unless the prompt was expanded here)."""
+        prompts, cut = [p.request.prompt for p in group], [p.cut for p in group]
+        for j, p in enumerate(group):
+            if p.request.expand_prompt and self.expander is not None:
+                prompts[j] = self.expander.expand(p.request.prompt, p.seed)
+                cut[j] = self._truncated(p.variant, prompts[j])
+        if any(p.request.expand_prompt for p in group):
+            clock.mark("prompt_expansion")
+        return prompts, cut
+
+    def _batch(self, group: list[PreparedRequest], pipe: FewStepInpaintPipeline, prompts: list[str]) -> DenoiseBatch:
+        """The UNet batch: one row per output image, padded to a compiled bucket; one input image per request."""
+        rows = [(j, p.request.num_images) for j, p in enumerate(group)]
+        per_row = [prompt for (j, n), prompt in zip(rows, prompts, strict=True) for _ in range(n)]
         embedding = group[0].embedding if len(group) == 1 else None
         with self._vocab_lock, textual_inversion(pipe, embedding):
             if embedding is None:  # an embedding's tokens mean something else: never cached
                 text_key = (id(pipe.text_encoder), id(pipe.text_encoder_2))
-                embeds, pooled = self.prompt_cache.encode(text_key, per_image_prompts, pipe.encode_prompts)
+                embeds, pooled = self.prompt_cache.encode(text_key, per_row, pipe.encode_prompts)
             else:
-                embeds, pooled = pipe.encode_prompts(per_image_prompts)
-            cut = [pipe.truncated_text(prompt) for prompt in prompts]
-        _sync(device)
-        timings["text_encoding"] = time.perf_counter() - clock
-
-        # 3. Denoise.
-        clock = time.perf_counter()
-        image_of = [j for j, p in enumerate(group) for _ in range(p.request.num_images)]
+                embeds, pooled = pipe.encode_prompts(per_row)
+        image_of = [j for j, n in rows for _ in range(n)]
         generators = [
-            torch.Generator(device=device).manual_seed((p.seed + k) % SEED_RANGE)
+            torch.Generator(device=self.device).manual_seed((p.seed + k) % SEED_RANGE)
             for p in group
             for k in range(p.request.num_images)
         ]
-        images = torch.cat([pipe.image_processor.preprocess(p.inputs.work_image) for p in group])
-        masks = torch.cat([pipe.mask_processor.preprocess(p.inputs.work_mask) for p in group])
-        real_rows = len(image_of)
         if self.speed.pads_batches:
-            # Compiled graphs exist per shape: pad the UNet batch (and the VAE encode's) to a bucket.
-            # Padding rows repeat the last real row with their own noise; they are dropped after decode.
-            extra = batch_bucket(real_rows) - real_rows
+            # Compiled UNet graphs exist per batch bucket: padding rows repeat the last real row, each with
+            # noise of its own; they are never decoded. The VAE sees only the real input images.
+            extra = batch_bucket(len(image_of)) - len(image_of)
             embeds, pooled = _repeat_last(embeds, extra), _repeat_last(pooled, extra)
             image_of = image_of + [image_of[-1]] * extra
-            generators = generators + [torch.Generator(device=device).manual_seed(k) for k in range(extra)]
-            extra = batch_bucket(len(images)) - len(images)
-            images, masks = _repeat_last(images, extra), _repeat_last(masks, extra)
-        batch = DenoiseBatch(
+            generators = generators + [torch.Generator(device=self.device).manual_seed(k) for k in range(extra)]
+        images = torch.stack([tensors.to_device(p.pixels.work_image, self.device) for p in group])
+        masks = torch.stack([tensors.to_device(p.pixels.work_mask, self.device) for p in group])
+        height, width = images.shape[-2:]
+        time_ids = pipe.time_ids(height, width, len(image_of), self.store.dtype)
+        return DenoiseBatch(
             prompt_embeds=embeds,
             pooled_embeds=pooled,
-            images=images,
-            masks=masks,
+            time_ids=tensors.to_device(time_ids, self.device),
+            images=tensors.normalize(images, self.store.dtype),
+            masks=masks.to(torch.float32),
             image_of=image_of,
             generators=generators,
-            strength=group[0].strength,
+            sampler=group[0].sampler,
+            full_strength=group[0].strength == 1.0,
         )
+
+    def _denoise(
+        self,
+        group: list[PreparedRequest],
+        pipe: FewStepInpaintPipeline,
+        batch: DenoiseBatch,
+        should_stop: ShouldStop | None,
+        on_progress: OnProgress | None,
+    ) -> tuple[torch.Tensor, list[int], set[int]]:
+        """The denoising loop; returns the latents, the batch rows they belong to and the cancelled requests."""
+        image_of = batch.image_of
         cancelled: set[int] = set()  # indices into group
         live = list(range(len(image_of)))
 
@@ -459,83 +505,150 @@ class Engine:
             live = [live[k] for k in keep]
             return keep
 
-        scheduler = make_scheduler(variant, self.store.scheduler_config(variant.base))
-        latents, rows = pipe.denoise(batch, scheduler, group[0].timesteps, variant.eta, on_step)
-        _sync(device)
-        timings["inference"] = time.perf_counter() - clock
+        latents, rows = pipe.denoise(batch, on_step)
+        return latents, rows, cancelled
 
-        # 4. Decode, check for NaN/inf, composite onto the exact input pixels.
-        clock = time.perf_counter()
-        outputs: list[list[Image.Image]] = [[] for _ in group]
-        bad: set[int] = set()
-        redecoded: set[int] = set()  # requests with an image that needed the fp32 decode
-        if rows:
-            self._fault_point("decode", group, pipe)
-            decoded, usable = pipe.decode(latents)
-            retry = [
-                k
-                for k, ok in enumerate(usable)
-                if not ok and rows[k] < real_rows and image_of[rows[k]] not in cancelled
-            ]
-            if retry:  # NaN/inf or all black: decode those rows again in fp32 before giving up on them
-                log.warning("VAE decode: NaN/inf or a black frame in %d image(s); decoding again in fp32", len(retry))
-                again, usable_again = pipe.decode(latents[retry], upcast=True)
-                for n, k in enumerate(retry):
-                    if usable_again[n]:
-                        decoded[k], usable[k] = again[n], True
-                        redecoded.add(image_of[rows[k]])
-            # Non-finite rows are reported as errors below; zero them so the cast has nothing undefined.
-            decoded = decoded.float().nan_to_num(0.0, 0.0, 0.0)
-            pixels = (decoded.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-            timings["decode"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            for k, row in enumerate(rows):
-                if row >= real_rows:
-                    continue  # padding
-                j = image_of[row]
-                if not usable[k]:
-                    bad.add(j)
-                    continue
-                generated = Image.fromarray(pixels[k], mode="RGB")
-                outputs[j].append(imgs.composite(generated, group[j].inputs.image, group[j].inputs.mask))
-            timings["postprocess"] = time.perf_counter() - clock
+    def _decode(
+        self,
+        group: list[PreparedRequest],
+        pipe: FewStepInpaintPipeline,
+        batch: DenoiseBatch,
+        latents: torch.Tensor,
+        rows: list[int],
+        cancelled: set[int],
+    ) -> Decoded:
+        """VAE-decode the real rows of requests still wanted (no padding, nothing cancelled); a row with
+        NaN/inf values is decoded again in fp32; requests with a row that stays non-finite are ``bad``."""
+        real_rows = sum(p.request.num_images for p in group)
+        wanted = [k for k, row in enumerate(rows) if row < real_rows and batch.image_of[row] not in cancelled]
+        decoded = Decoded(rows=[batch.image_of[rows[k]] for k in wanted])
+        if not wanted:
+            return decoded
+        self._fault_point("decode", group, pipe)
+        images, usable = pipe.decode(tensors.rows(latents, wanted))
+        retry = [n for n, ok in enumerate(usable) if not ok]
+        if retry:  # NaN/inf: decode those rows again in fp32 before giving up on them
+            log.warning("VAE decode: NaN/inf values in %d image(s); decoding again in fp32", len(retry))
+            again, usable_again = pipe.decode(tensors.rows(latents, [wanted[n] for n in retry]), upcast=True)
+            for m, n in enumerate(retry):
+                if usable_again[m]:
+                    images[n], usable[n] = again[m].to(images.dtype), True
+                    decoded.redecoded.add(decoded.rows[n])
+        decoded.bad = {j for j, ok in zip(decoded.rows, usable, strict=True) if not ok}
+        decoded.images = tensors.decoded_to_unit(images)
+        return decoded
 
-        # 5. Safety checker on what the user would receive.
-        clock = time.perf_counter()
-        flags: list[list[bool]] = [[False] * len(out) for out in outputs]
-        to_check = [j for j, p in enumerate(group) if p.request.enable_safety_checker and j not in bad | cancelled]
-        if self.safety_checker is not None and to_check:
-            verdicts = iter(self.safety_checker.check([im for j in to_check for im in outputs[j]]))
-            for j in to_check:
-                flags[j] = [next(verdicts) for _ in outputs[j]]
-                outputs[j] = [
-                    SafetyChecker.blacken(im) if flag else im for im, flag in zip(outputs[j], flags[j], strict=True)
-                ]
-            timings["safety_checker"] = time.perf_counter() - clock
+    def _composite(self, group: list[PreparedRequest], decoded: Decoded) -> dict[int, torch.Tensor]:
+        """Per request with images: (n, 3, H, W) uint8 on the device, generated pixels inside the binarised mask
+        (resized to the output size first) and the input's exact pixels outside it."""
+        outputs = {}
+        for j, p in enumerate(group):
+            mine = [k for k, row in enumerate(decoded.rows) if row == j]
+            if not mine or j in decoded.bad:
+                continue
+            assert decoded.images is not None and p.pixels is not None
+            generated = tensors.quantize(tensors.resize(tensors.rows(decoded.images, mine), p.inputs.output_size))
+            reference = tensors.to_device(p.pixels.out_image, self.device)
+            mask = tensors.to_device(p.pixels.out_mask, self.device)
+            outputs[j] = tensors.composite(generated, reference, mask)
+        return outputs
 
-        results = []
-        for j, (p, prompt) in enumerate(zip(group, prompts, strict=True)):
-            result = InpaintResult(
-                request_id=p.request_id, seed=p.seed, prompt=prompt, timings=_round({**p.timings, **timings})
+    def _check_safety(
+        self, group: list[PreparedRequest], outputs: dict[int, torch.Tensor], skip: set[int]
+    ) -> dict[int, list[bool]]:
+        """Flags for the requests that asked for the checker, on what the user would receive (on the device)."""
+        to_check = [j for j in outputs if group[j].request.enable_safety_checker and j not in skip]
+        if self.safety_checker is None or not to_check:
+            return {}
+        verdicts = iter(self.safety_checker.check(torch.cat([outputs[j] for j in to_check])))
+        return {j: [next(verdicts) for _ in range(len(outputs[j]))] for j in to_check}
+
+    def _result(
+        self,
+        j: int,
+        p: PreparedRequest,
+        prompt: str,
+        cut: str | None,
+        images: list[Image.Image] | None,
+        flags: list[bool] | None,
+        decoded: Decoded,
+        cancelled: set[int],
+        timings: dict[str, float],
+    ) -> InpaintResult:
+        result = InpaintResult(
+            request_id=p.request_id, seed=p.seed, prompt=prompt, timings=_round({**p.timings, **timings})
+        )
+        if j in decoded.redecoded:
+            result.warnings.append("The VAE decode overflowed in reduced precision; the image was decoded in fp32")
+        if cut:
+            limit = self.pipeline(p.variant).tokenizer.model_max_length
+            result.warnings.append(
+                f"The prompt is longer than CLIP's {limit} tokens; this part was ignored: {_clip(cut)!r}"
             )
-            if j in redecoded:
-                result.warnings.append("The VAE decode overflowed in reduced precision; the image was decoded in fp32")
-            if cut[j]:
-                limit = pipe.tokenizer.model_max_length
-                result.warnings.append(
-                    f"The prompt is longer than CLIP's {limit} tokens; this part was ignored: {_clip(cut[j])!r}"
-                )
-            if j in cancelled:
-                result.error = RequestCancelled(f"request {p.request_id} was cancelled")
-            elif j in bad:
-                result.error = NonFiniteOutputError(
-                    "the VAE decode produced NaN/inf values or a black frame, also in fp32; no image was returned"
-                )
-            else:
-                result.images = outputs[j]
-                result.has_nsfw_concepts = flags[j]
-            results.append(result)
-        return results
+        if j in cancelled:
+            result.error = RequestCancelled(f"request {p.request_id} was cancelled")
+        elif j in decoded.bad or images is None:
+            result.error = NonFiniteOutputError(
+                "the VAE decode produced NaN/inf values, also in fp32; no image was returned"
+            )
+        else:
+            flags = flags or [False] * len(images)
+            result.images = [SafetyChecker.blacken(im) if flag else im for im, flag in zip(images, flags, strict=True)]
+            result.has_nsfw_concepts = flags
+        return result
+
+
+@dataclass
+class Decoded:
+    """What the VAE decode gave: ``images`` ([0, 1] float, one per decoded row) and the request of each row."""
+
+    rows: list[int]  # request index (into the batch's group) of each decoded image
+    images: torch.Tensor | None = None
+    bad: set[int] = field(default_factory=set)  # requests with an image that stayed non-finite
+    redecoded: set[int] = field(default_factory=set)  # requests with an image that needed the fp32 decode
+
+
+class StageClock:
+    """Stage durations without host syncs: CUDA events on the GPU (read once, at the end), the wall clock
+    on the CPU. ``mark(name)`` ends stage ``name``, which began at the previous mark (or the start)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[str, Any]] = [("", self._now())]
+
+    def _now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self, name: str) -> None:
+        self._marks.append((name, self._now()))
+
+    def result(self) -> dict[str, float]:
+        """Seconds per stage (waits for the last event on CUDA)."""
+        if self.cuda:
+            self._marks[-1][1].synchronize()
+        spans = {}
+        for (_, start), (name, end) in itertools.pairwise(self._marks):
+            spans[name] = start.elapsed_time(end) / 1000 if self.cuda else end - start
+        return spans
+
+
+def chunk_by_rows(members: list[tuple[int, PreparedRequest]], limit: int) -> list[list[tuple[int, PreparedRequest]]]:
+    """Split requests (in order) into batches of at most ``limit`` image rows. A request is never split:
+    ``num_images`` is at most ``MAX_IMAGES``, which is the largest batch bucket."""
+    chunks: list[list[tuple[int, PreparedRequest]]] = []
+    rows = 0
+    for member in members:
+        n = member[1].request.num_images
+        if not chunks or rows + n > limit:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(member)
+        rows += n
+    return chunks
 
 
 def _repeat_last(rows: torch.Tensor, extra: int) -> torch.Tensor:

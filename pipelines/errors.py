@@ -33,7 +33,7 @@ class InputError(EngineError, ValueError):
 
 
 class NonFiniteOutputError(EngineError):
-    """The VAE decode produced NaN/inf values or an all-black frame, even when decoded again in fp32."""
+    """The VAE decode produced NaN/inf values, even when decoded again in fp32."""
 
     error_type = "nan_output"
 

@@ -8,7 +8,10 @@ replaces its ``__call__`` with a batch-oriented recipe that:
   prompts and seeds share one UNet batch and image k of a request does not depend on its batch;
 * VAE-encodes each input image once (the stock pipeline encodes once per output image and once more
   for the masked image, which a 4-channel UNet never reads);
-* lets the caller drop images between steps (cancellation) and report progress.
+* lets the caller drop images between steps (cancellation) and report progress;
+* never reads a device value back to the host inside the loop: the scheduler's numbers are
+  precomputed Python floats (``sampling.py``), rows are picked with slices, and every input arrives
+  on the device before the loop starts (tests/pipelines/test_host_syncs.py).
 
 With one request, strength 1.0 and the same timesteps and generators, its latents equal the stock
 pipeline's (tests/pipelines/test_parity.py).
@@ -16,13 +19,15 @@ pipeline's (tests/pipelines/test_parity.py).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLInpaintPipeline
 from diffusers.utils.torch_utils import randn_tensor
+
+from . import tensors
+from .sampling import Sampler
 
 # Called after step i (0-based) with the number of steps; returns the indices (into the current
 # batch) of the images to keep going, or None to keep all.
@@ -31,15 +36,26 @@ StepHook = Callable[[int, int], "list[int] | None"]
 
 @dataclass
 class DenoiseBatch:
-    """Per-image tensors for one UNet batch. ``image_of[k]`` is the input image index of output k."""
+    """Per-row tensors for one UNet batch, on the engine's device. ``image_of[k]`` is the input image of row k.
+
+    Rows past the real ones are padding (a compiled batch bucket): they repeat the last real row with
+    noise of their own and are never decoded. Only the real input images are VAE-encoded.
+    """
 
     prompt_embeds: torch.Tensor  # (B, 77, D)
     pooled_embeds: torch.Tensor  # (B, P)
-    images: torch.Tensor  # (R, 3, H, W) in [-1, 1], one per input image
+    time_ids: torch.Tensor  # (B, 6): SDXL's size conditioning (see ``FewStepInpaintPipeline.time_ids``)
+    images: torch.Tensor  # (R, 3, H, W) in [-1, 1], one per input image (R <= B, no padding)
     masks: torch.Tensor  # (R, 1, H, W) in {0, 1}, 1 = repaint
     image_of: list[int]  # len B
     generators: list[torch.Generator]  # len B
-    strength: float
+    sampler: Sampler
+    full_strength: bool  # strength 1.0: start from pure noise
+
+
+# Calls the UNet: (sample, timestep, prompt embeds, pooled embeds, time ids) -> noise prediction. The
+# engine passes a CUDA-graph runner (pipelines/graphs.py) or the plain module.
+UNetCall = Callable[[torch.Tensor, float, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
@@ -75,7 +91,74 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
         # its character offset gives the ignored text as the user wrote it.
         return prompt[encoded.offset_mapping[limit - 1][0] :].strip()
 
-    def _time_ids(self, height: int, width: int, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, generators: list[torch.Generator], image_of: list[int]):
+        """Scaled image latents per row: one VAE encode per input image, sampled per row's generator."""
+        vae = self.vae
+        dist = vae.encode(images.to(vae.dtype)).latent_dist
+        latents = []
+        for gen, j in zip(generators, image_of, strict=True):
+            mean, std = dist.mean[j : j + 1], dist.std[j : j + 1]
+            latents.append(mean + std * randn_tensor(mean.shape, generator=gen, device=mean.device, dtype=mean.dtype))
+        return torch.cat(latents)
+
+    def call_unet(
+        self, sample: torch.Tensor, timestep: float, embeds: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """One plain UNet evaluation; the timestep is a float32 0-d tensor for every scheduler (one graph)."""
+        t = torch.full((), timestep, dtype=torch.float32, device=sample.device)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        return self.unet(sample, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+    def denoise(
+        self, batch: DenoiseBatch, on_step: StepHook | None = None, unet: UNetCall | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Run the recipe; returns the final latents and which batch rows they belong to.
+
+        Nothing in here reads a device value back to the host: every per-step number is a Python float
+        of ``batch.sampler``, rows are picked with slices, and inputs arrive on the device already.
+        """
+        unet = unet or self.call_unet
+        sampler, dtype = batch.sampler, batch.prompt_embeds.dtype
+        n = len(batch.image_of)
+        height, width = batch.images.shape[-2:]
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        generators = list(batch.generators)
+
+        # 1. Image latents (one encode per input image) and noise, per row and generator.
+        image_latents = self.encode_images(batch.images, generators, batch.image_of)
+        image_latents = (image_latents.to(dtype) * self.vae.config.scaling_factor).to(dtype)
+        shape = (n, self.vae.config.latent_channels, *latent_size)
+        noise = randn_tensor(shape, generator=generators, device=image_latents.device, dtype=dtype)
+        latents = sampler.start(image_latents, noise, batch.full_strength)
+
+        # 2. Mask at latent resolution (nearest), per row; and what is kept outside it.
+        masks = torch.nn.functional.interpolate(batch.masks, size=latent_size).to(dtype=dtype)
+        mask = tensors.rows(masks, batch.image_of)
+        keep = 1 - mask
+
+        # 3. Conditioning.
+        embeds, pooled, time_ids = batch.prompt_embeds, batch.pooled_embeds, batch.time_ids
+        rows = list(range(n))
+
+        # 4. Denoise, blending the (re-noised) original latents back outside the mask after each step.
+        for i in range(sampler.steps):
+            noise_pred = unet(sampler.model_input(latents, i), sampler.timesteps[i], embeds, pooled, time_ids)
+            latents = sampler.step(noise_pred, latents, i, generators)
+            latents = keep * sampler.renoise(image_latents, noise, i) + mask * latents
+
+            kept = on_step(i, sampler.steps) if on_step else None
+            if kept is not None and len(kept) != len(rows):
+                if not kept:
+                    return latents[:0], []
+                latents, noise, image_latents = (tensors.rows(t, kept) for t in (latents, noise, image_latents))
+                mask, keep = tensors.rows(mask, kept), tensors.rows(keep, kept)
+                embeds, pooled, time_ids = (tensors.rows(t, kept) for t in (embeds, pooled, time_ids))
+                generators = [generators[k] for k in kept]
+                rows = [rows[k] for k in kept]
+        return latents, rows
+
+    def time_ids(self, height: int, width: int, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL's size conditioning for ``batch`` rows, built on the host (the caller stages it for the device)."""
         size = (height, width)
         ids, _ = self._get_add_time_ids(
             size,
@@ -89,111 +172,15 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
             dtype=dtype,
             text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
         )
-        return ids.repeat(batch, 1).to(self._execution_device)
+        return ids.repeat(batch, 1)
 
-    def encode_images(self, images: torch.Tensor, generators: list[torch.Generator], image_of: list[int]):
-        """Scaled image latents per output image: one VAE encode per input image, sampled per generator."""
-        vae = self.vae
-        dist = vae.encode(images.to(device=self._execution_device, dtype=vae.dtype)).latent_dist
-        rows = []
-        for gen, j in zip(generators, image_of, strict=True):
-            mean, std = dist.mean[j : j + 1], dist.std[j : j + 1]
-            rows.append(mean + std * randn_tensor(mean.shape, generator=gen, device=mean.device, dtype=mean.dtype))
-        return torch.cat(rows)
-
-    @torch.no_grad()
-    def denoise(
-        self,
-        batch: DenoiseBatch,
-        scheduler,
-        timesteps: list[int],
-        eta: float | None = None,
-        on_step: StepHook | None = None,
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Run the recipe; returns the final latents and which batch rows they belong to."""
-        device = self._execution_device
-        dtype = batch.prompt_embeds.dtype
-        n = len(batch.image_of)
-        height, width = batch.images.shape[-2:]
-        latent_shape = (
-            1,
-            self.vae.config.latent_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-        )
-        generators = list(batch.generators)
-
-        # 1. Timesteps, exactly as given.
-        scheduler.set_timesteps(timesteps=timesteps, device=device)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        ts = scheduler.timesteps
-
-        # 2. Image latents (one encode per input image) and noise, per output image and generator.
-        image_latents = self.encode_images(batch.images, generators, batch.image_of)
-        image_latents = (image_latents.to(dtype) * self.vae.config.scaling_factor).to(dtype)
-        noise = randn_tensor((n, *latent_shape[1:]), generator=generators, device=device, dtype=dtype)
-        if batch.strength == 1.0:
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            latents = scheduler.add_noise(image_latents, noise, ts[:1].repeat(n))
-
-        # 3. Mask at latent resolution (nearest), per output image.
-        index = torch.tensor(batch.image_of, device=device)
-        masks = torch.nn.functional.interpolate(batch.masks.to(device), size=latent_shape[-2:])
-        mask = masks.to(dtype=dtype)[index]
-
-        # 4. Conditioning.
-        prompt_embeds = batch.prompt_embeds.to(device)
-        pooled = batch.pooled_embeds.to(device)
-        time_ids = self._time_ids(height, width, n, dtype)
-        step_params = set(inspect.signature(scheduler.step).parameters)
-        extra = {}
-        if "generator" in step_params:
-            extra["generator"] = generators
-        if eta is not None and "eta" in step_params:
-            extra["eta"] = eta
-        rows = list(range(n))
-
-        # 5. Denoise, blending the (re-noised) original latents back outside the mask after each step.
-        for i, t in enumerate(ts):
-            model_input = scheduler.scale_model_input(latents, t)
-            noise_pred = self.unet(
-                model_input,
-                t,
-                encoder_hidden_states=prompt_embeds,
-                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-                return_dict=False,
-            )[0]
-            latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
-            proper = image_latents
-            if i < len(ts) - 1:
-                # A slice, not torch.tensor([ts[i + 1]]): that reads the value to the host, a sync
-                # that would stall the GPU between two UNet calls.
-                proper = scheduler.add_noise(image_latents, noise, ts[i + 1 : i + 2])
-            latents = (1 - mask) * proper + mask * latents
-
-            keep = on_step(i, len(ts)) if on_step else None
-            if keep is not None and len(keep) != len(rows):
-                if not keep:
-                    return latents[:0], []
-                sel = torch.tensor(keep, device=device)
-                latents, noise, image_latents, mask = latents[sel], noise[sel], image_latents[sel], mask[sel]
-                prompt_embeds, pooled, time_ids = prompt_embeds[sel], pooled[sel], time_ids[sel]
-                generators = [generators[k] for k in keep]
-                if "generator" in extra:
-                    extra["generator"] = generators
-                rows = [rows[k] for k in keep]
-        return latents, rows
-
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, list[bool]]:
-        """VAE decode to [0, 1] images (B, 3, H, W) and, per image, whether it is usable.
+        """VAE decode to [-1, 1] images (B, 3, H, W) and, per image, whether it is finite everywhere.
 
-        Unusable means a NaN/inf value anywhere, or a frame that is black everywhere (what an
-        overflowing half-precision decode turns into once clamped). ``upcast`` decodes in fp32 (the
-        cure for a half-precision overflow) with a temporary fp32 copy of the VAE, eagerly: the
-        shared VAE, its compiled graphs and its fused weights stay as they are.
+        A NaN/inf value is what an overflowing reduced-precision decode gives; a black image is a
+        legitimate output (a night sky, a black wall) and is kept. ``upcast`` decodes in fp32 (the cure
+        for an overflow) with a temporary fp32 copy of the VAE, eagerly: the shared VAE, its compiled
+        graphs and its fused weights stay as they are. The usable flags are the one host read here.
         """
         vae = self.vae if not upcast or self.vae.dtype == torch.float32 else _fp32_copy(self.vae)
         scaled = latents.to(vae.dtype) / vae.config.scaling_factor
@@ -202,11 +189,8 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
         else:
             with torch.compiler.set_stance("force_eager"):
                 image = vae.decode(scaled, return_dict=False)[0]
-        flat = image.flatten(1)
-        # Black after the [-1, 1] -> [0, 255] conversion: every value below half a grey level.
-        lit = (flat.float() >= -1 + 1 / 255).any(dim=1)
-        usable = (torch.isfinite(flat).all(dim=1) & lit).tolist()
-        return (image.float() / 2 + 0.5).clamp(0, 1), usable
+        usable = torch.isfinite(image.flatten(1)).all(dim=1).tolist()
+        return image, usable
 
 
 def _fp32_copy(vae: AutoencoderKL) -> AutoencoderKL:

@@ -1,10 +1,10 @@
 """What the engine checks about its own output, seen over HTTP (reliability cases M9 and M11).
 
-M9: a decode with NaN/inf values or an all-black frame is never returned as an image. The engine
-decodes it again in fp32; when that is still unusable the job fails ``nan_output`` (500) and the
-server goes on serving. M11: a prompt past CLIP's 77 tokens is served, and the job's logs say which
-part of it was ignored. Both run in the real tiny engine; the NaN comes from a forward hook on its VAE
-decoder, as an fp16 overflow would.
+M9: a decode with NaN/inf values is never returned as an image. The engine decodes it again in fp32;
+when that is still unusable the job fails ``nan_output`` (500) and the server goes on serving. A black
+decode is a picture like any other (issue 10: not mistaken for an overflow). M11: a prompt past CLIP's
+77 tokens is served, and the job's logs say which part of it was ignored. Both run in the real tiny
+engine; the NaN comes from a forward hook on its VAE decoder, as an fp16 overflow would.
 """
 
 from __future__ import annotations
@@ -46,10 +46,9 @@ def _log_lines(body: dict[str, Any], level: str | None = None) -> list[str]:
     return [entry["message"] for entry in body["logs"] if level is None or entry["level"] == level]
 
 
-@pytest.mark.parametrize("fault", ["nan", "all-black"])
-def test_an_unusable_decode_fails_nan_output_over_http(make_server, broken_decoder, fault: str) -> None:
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_an_unusable_decode_fails_nan_output_over_http(make_server, broken_decoder, value: float) -> None:
     """M9 over HTTP: queue and sync run both answer ``nan_output``; no image file is written."""
-    value = float("nan") if fault == "nan" else -2.0
     calls = broken_decoder(lambda out: torch.full_like(out, value))
     server = make_server()
     files = server.app.state.settings.data_dir / "files"
@@ -57,7 +56,7 @@ def test_an_unusable_decode_fails_nan_output_over_http(make_server, broken_decod
         request_id = submit(client, seed=3)
         body = wait_all_completed(client, [request_id])[request_id]
         assert body["error_type"] == "nan_output", body
-        assert any("NaN/inf values or a black frame" in line for line in _log_lines(body, "ERROR"))
+        assert any("NaN/inf values" in line for line in _log_lines(body, "ERROR"))
         answer = client.get(requests_url(request_id))
         assert answer.status_code == 500, answer.text
         assert answer.json()["error_type"] == "nan_output" and "no image was returned" in answer.json()["detail"]

@@ -48,7 +48,7 @@ class DenoiseSpy:
         self.batches: list[tuple[int, int]] = []
         self.keeps: list[Any] = []
 
-    def __call__(self, batch: Any, scheduler: Any, timesteps: Any, eta: Any = None, on_step: Any = None):
+    def __call__(self, batch: Any, on_step: Any = None, unet: Any = None):
         self.batches.append((len(batch.image_of), batch.images.shape[0]))
 
         def recording(i: int, total: int):
@@ -56,7 +56,7 @@ class DenoiseSpy:
             self.keeps.append(keep)
             return keep
 
-        return self.original(batch, scheduler, timesteps, eta, recording if on_step else None)
+        return self.original(batch, recording if on_step else None, unet)
 
 
 @pytest.fixture
@@ -90,18 +90,19 @@ def _max_diff(a: Any, b: Any) -> int:
 
 
 def test_padded_batch_gives_the_plain_engines_images(fast_engine: Engine, engine: Engine, spy: DenoiseSpy) -> None:
-    """Three requests (4 images) -> one UNet batch of 4; two requests of 3 images -> 6 rows padded to 8."""
+    """Three requests (4 images) -> one UNet batch of 4; two requests of 3 images -> 6 rows padded to 8.
+    The VAE encodes only the real input images (no padding)."""
     requests = [_request(1, "a red door", "a"), _request(2, "a blue car", "b", 2), _request(3, "a boat", "c")]
     fast = fast_engine.run(requests)
     plain = [engine.run([r])[0] for r in requests]
-    assert spy.batches == [(4, 4)]  # 4 rows; 3 input images padded to the bucket of 4
+    assert spy.batches == [(4, 3)]  # 4 rows; 3 input images, not padded
     for f, p in zip(fast, plain, strict=True):
         assert f.error is None and len(f.images) == len(p.images)
         assert max(_max_diff(x, y) for x, y in zip(f.images, p.images, strict=True)) <= 2
 
     spy.batches.clear()
     results = fast_engine.run([_request(4, "x", "d", 3), _request(5, "y", "e", 3)])
-    assert spy.batches == [(8, 2)]  # 6 rows padded to 8; 2 input images are a bucket already
+    assert spy.batches == [(8, 2)]  # 6 rows padded to 8; 2 input images
     assert [len(r.images) for r in results] == [3, 3]
 
 
@@ -194,3 +195,61 @@ def test_low_memory_retry_runs_eagerly_on_a_compiled_engine(fast_engine: Engine,
     with low_memory_vae(engine.pipeline(engine.variants[(APP, 4)]).vae):  # the same tiles, plain engine
         expected = engine.run([request])[0]
     assert _max_diff(result.images[0], expected.images[0]) <= 2
+
+
+def _vae_batches(fast_engine: Engine) -> tuple[list[int], list[int], Any]:
+    """Record the batch size of every VAE encode and decode of the fast engine's variant."""
+    vae = fast_engine.pipeline(fast_engine.variants[(APP, 4)]).vae
+    encodes: list[int] = []
+    decodes: list[int] = []
+    handles = [
+        vae.encoder.register_forward_hook(lambda m, args, out: encodes.append(args[0].shape[0])),
+        vae.decoder.register_forward_hook(lambda m, args, out: decodes.append(args[0].shape[0])),
+    ]
+    return encodes, decodes, handles
+
+
+def test_padding_rows_are_never_vae_encoded_or_decoded(fast_engine: Engine, spy: DenoiseSpy) -> None:
+    """Issue 10 §5: 3 rows run as a UNet batch of 4, but the VAE encodes 2 images and decodes 3."""
+    encodes, decodes, handles = _vae_batches(fast_engine)
+    try:
+        results = fast_engine.run([_request(20, "a", "a", 2), _request(21, "b", "b")])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [len(r.images) for r in results] == [2, 1]
+    assert spy.batches == [(4, 2)] and encodes == [2] and decodes == [3]
+
+
+def test_more_rows_than_the_largest_bucket_run_as_several_batches(
+    fast_engine: Engine, engine: Engine, spy: DenoiseSpy
+) -> None:
+    """Issue 10 §5: 4 requests of 8 images are 32 rows: four batches of 8 (a warmed shape), not one of 32;
+    every image equals the one the request gets alone."""
+    requests = [_request(30 + k, f"prompt {k}", f"r{k}", 8) for k in range(3)] + [_request(33, "last", "r3", 2)]
+    encodes, decodes, handles = _vae_batches(fast_engine)
+    try:
+        results = fast_engine.run(requests)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert spy.batches == [(8, 1), (8, 1), (8, 1), (2, 1)]
+    assert decodes == [8, 8, 8, 2] and encodes == [1, 1, 1, 1]
+    assert [len(r.images) for r in results] == [8, 8, 8, 2]
+    alone = engine.run([requests[1]])[0]
+    assert max(_max_diff(x, y) for x, y in zip(results[1].images, alone.images, strict=True)) <= 2
+
+
+def test_rows_are_chunked_in_order_without_splitting_a_request() -> None:
+    from pipelines.engine import chunk_by_rows
+
+    def members(*counts: int) -> list[tuple[int, Any]]:
+        return [(i, type("P", (), {"request": type("R", (), {"num_images": n})()})()) for i, n in enumerate(counts)]
+
+    def shape(chunks: list[list[tuple[int, Any]]]) -> list[list[int]]:
+        return [[i for i, _ in chunk] for chunk in chunks]
+
+    assert shape(chunk_by_rows(members(8, 8, 8, 8), 8)) == [[0], [1], [2], [3]]
+    assert shape(chunk_by_rows(members(3, 3, 2, 1), 8)) == [[0, 1, 2], [3]]
+    assert shape(chunk_by_rows(members(1, 1, 1, 1, 1, 1, 1, 1, 1), 8)) == [[0, 1, 2, 3, 4, 5, 6, 7], [8]]
+    assert shape(chunk_by_rows(members(5, 4, 4), 8)) == [[0], [1, 2]]

@@ -83,3 +83,26 @@ def test_weights_are_restored_after_the_flagged_tests(engine):
     (result,) = engine.run([request(num_images=1)])
     assert result.has_nsfw_concepts == [False]
     assert not is_black(result.images[0])
+
+
+@pytest.mark.parametrize("size", [(64, 48), (48, 64), (300, 200), (1024, 768)])
+def test_tensor_preprocessing_matches_the_clip_processor(engine, size) -> None:
+    """The checker preprocesses the composited uint8 tensors on their device; that equals CLIP's own
+    (PIL) processor up to resampling rounding, and gives the same flags."""
+    import torch
+
+    from pipelines.tensors import pixels
+
+    checker = engine.safety_checker
+    images = [noise_image(*size, seed=s) for s in range(3)]
+    ours = checker.clip_pixels(torch.stack([pixels(im) for im in images]))
+    theirs = checker.processor(images=images, return_tensors="pt").pixel_values
+    assert ours.shape == theirs.shape == (3, 3, 224, 224)
+    # One grey level is 1 / (255 * std) ~ 0.015 after normalising. On average they differ by a third of one;
+    # PIL rounds and clips to uint8 between its two resampling passes, which on pure noise (the worst
+    # case) moves single pixels by up to ~20 levels.
+    assert (ours - theirs).abs().mean() < 0.01 and (ours - theirs).abs().max() < 0.5
+    model = checker.model
+    _, ours_flags = model(images=[np.zeros(1)] * 3, clip_input=ours.to(checker.dtype))
+    _, their_flags = model(images=[np.zeros(1)] * 3, clip_input=theirs.to(checker.dtype))
+    assert list(ours_flags) == list(their_flags)
