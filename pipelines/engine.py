@@ -7,8 +7,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +22,18 @@ from .errors import EngineError, GpuFatalError, GpuOutOfMemory, InputError, NonF
 from .expansion import PromptExpander
 from .fault_injection import FaultHook, FaultPoint, hook_from_env
 from .gpu_faults import check_device, classify_gpu_error, first_line, free_memory, low_memory_vae
+from .graphs import UNetCall, UNetGraphs
 from .hub import EXPANSION_FILES, SAFETY_CHECKER_FILES, Resolver, resolve_repo
 from .inpaint import DenoiseBatch, FewStepInpaintPipeline
 from .loading import ModelStore
-from .optimize import BATCH_BUCKETS, SpeedOptions, batch_bucket, optimize_pipeline
+from .optimize import (
+    BATCH_BUCKETS,
+    SpeedOptions,
+    batch_bucket,
+    optimize_pipeline,
+    set_attention_order,
+    use_compile_cache,
+)
 from .prompt_cache import PromptCache
 from .safety import SafetyChecker
 from .sampling import Sampler, build_sampler
@@ -33,6 +41,7 @@ from .schedules import make_scheduler, timesteps_for
 from .specs import AppSpec, ServingSpec, VariantSpec
 from .tensors import RequestTensors
 from .types import InpaintRequest, InpaintResult
+from .warmup import WarmupPlan, plan_warmup
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +103,10 @@ class Engine:
         self.speed = speed or SpeedOptions()
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache(0)
         self.max_batch_rows = MAX_BATCH_ROWS
+        # Whole-UNet CUDA graphs per (UNet, batch shape), recorded by the warm-up (pipelines/graphs.py).
+        self.graphs = UNetGraphs.for_device(store.device, self.speed.cuda_graphs)
+        self._callers: dict[int, UNetCall] = {}
+        self._sealed = False
         # prepare() (any thread) reads the tokenizers' vocabularies while run() may be adding an
         # embedding's tokens to them; both hold this lock for that part.
         self._vocab_lock = threading.Lock()
@@ -125,6 +138,11 @@ class Engine:
         """
         device = torch.device(device)
         dtype = dtype or default_dtype(device)
+        speed = speed or SpeedOptions.for_device(device)
+        if speed.compile and speed.cache_dir is not None:
+            use_compile_cache(speed.cache_dir)  # before anything can compile
+        if device.type == "cuda":
+            log.info("attention backends, in order: %s", ", ".join(set_attention_order(speed.attention)))
         resolver = resolver or Resolver()
         store = ModelStore(device, dtype, resolver)
         chosen: dict[tuple[str, int], VariantSpec] = {}
@@ -138,7 +156,6 @@ class Engine:
             if steps not in app.variants:
                 raise InputError("num_inference_steps", f"{app.app_id} offers {list(app.steps)}, not {steps}")
             chosen[(app.app_id, steps)] = app.variants[steps]
-        speed = speed or SpeedOptions.for_device(device)
         for variant in chosen.values():
             applied = optimize_pipeline(store.pipeline(variant, FewStepInpaintPipeline), speed)
             if applied:
@@ -160,12 +177,36 @@ class Engine:
         return self.store.device
 
     def seal_compiled_shapes(self) -> None:
-        """After the warm-up: a shape it did not compile (a custom image_size, more than 8 rows, VAE
-        tiles) runs eagerly instead of compiling for minutes inside a request (and instead of failing
-        once torch's recompile limit is reached). No-op unless compiling."""
+        """After the warm-up: anything the warm-up did not compile (an odd shape the dynamic graphs do not
+        cover, VAE tiles) runs eagerly instead of compiling inside a request (and instead of failing once
+        torch's recompile limit is reached). No-op unless compiling."""
         if self.speed.compile:
             torch.compiler.set_stance("eager_on_recompile")
+            self._sealed = True
             log.info("compiled shapes sealed: new shapes run eagerly")
+
+    @contextmanager
+    def warming(self) -> Iterator[None]:
+        """The warm-up's context: compiling is allowed (even after sealing) and CUDA graphs are recorded.
+
+        Runs on the GPU thread only, between batches, so no request ever runs inside it.
+        """
+        stance = torch.compiler.set_stance("default") if self._sealed else nullcontext()
+        with stance, self.graphs.recording_allowed():
+            yield
+
+    def warmup_plan(self, sizes: list[tuple[int, int]], default_size: tuple[int, int] | None = None) -> WarmupPlan:
+        """What to run before ready and after (see :mod:`pipelines.warmup`)."""
+        return plan_warmup(self, sizes, default_size)
+
+    def _unet_call(self, pipe: FewStepInpaintPipeline) -> UNetCall | None:
+        """The denoising loop's UNet call: through recorded CUDA graphs when they are on, else direct."""
+        if not self.graphs.enabled:
+            return None
+        key = id(pipe.unet)
+        if key not in self._callers:
+            self._callers[key] = self.graphs.caller(pipe.unet)
+        return self._callers[key]
 
     def pipeline(self, variant: VariantSpec) -> FewStepInpaintPipeline:
         return self.store.pipeline(variant, FewStepInpaintPipeline)
@@ -505,7 +546,7 @@ class Engine:
             live = [live[k] for k in keep]
             return keep
 
-        latents, rows = pipe.denoise(batch, on_step)
+        latents, rows = pipe.denoise(batch, on_step, self._unet_call(pipe))
         return latents, rows, cancelled
 
     def _decode(

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLInpaintPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import tensors
+from .graphs import UNetCall, plain_call
 from .sampling import Sampler
 
 # Called after step i (0-based) with the number of steps; returns the indices (into the current
@@ -51,11 +52,6 @@ class DenoiseBatch:
     generators: list[torch.Generator]  # len B
     sampler: Sampler
     full_strength: bool  # strength 1.0: start from pure noise
-
-
-# Calls the UNet: (sample, timestep, prompt embeds, pooled embeds, time ids) -> noise prediction. The
-# engine passes a CUDA-graph runner (pipelines/graphs.py) or the plain module.
-UNetCall = Callable[[torch.Tensor, float, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
@@ -101,14 +97,7 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
             latents.append(mean + std * randn_tensor(mean.shape, generator=gen, device=mean.device, dtype=mean.dtype))
         return torch.cat(latents)
 
-    def call_unet(
-        self, sample: torch.Tensor, timestep: float, embeds: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """One plain UNet evaluation; the timestep is a float32 0-d tensor for every scheduler (one graph)."""
-        t = torch.full((), timestep, dtype=torch.float32, device=sample.device)
-        added = {"text_embeds": pooled, "time_ids": time_ids}
-        return self.unet(sample, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
-
+    @torch.inference_mode()
     def denoise(
         self, batch: DenoiseBatch, on_step: StepHook | None = None, unet: UNetCall | None = None
     ) -> tuple[torch.Tensor, list[int]]:
@@ -117,7 +106,7 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
         Nothing in here reads a device value back to the host: every per-step number is a Python float
         of ``batch.sampler``, rows are picked with slices, and inputs arrive on the device already.
         """
-        unet = unet or self.call_unet
+        unet = unet or plain_call(self.unet)
         sampler, dtype = batch.sampler, batch.prompt_embeds.dtype
         n = len(batch.image_of)
         height, width = batch.images.shape[-2:]
@@ -174,6 +163,7 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
         )
         return ids.repeat(batch, 1)
 
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor, upcast: bool = False) -> tuple[torch.Tensor, list[bool]]:
         """VAE decode to [-1, 1] images (B, 3, H, W) and, per image, whether it is finite everywhere.
 

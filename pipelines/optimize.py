@@ -1,4 +1,4 @@
-"""Speed levers applied to loaded pipelines: fused QKV projections, channels_last, torch.compile.
+"""Speed levers applied to loaded pipelines: fused QKV, channels_last, regional torch.compile, attention order.
 
 Each lever is measured by ``scripts/bench.py`` and described with its predicted and measured gain in
 ``docs/performance.md``. All of them compute the same function as the stock modules (up to float
@@ -8,14 +8,18 @@ rounding; ``tests/pipelines/test_optimize.py`` checks it on the tiny models):
   cross-attention) instead of three. diffusers' ``fuse_qkv_projections`` keeps the separate weights
   next to the fused copy; here the separate ones become views into the fused weight, so fusing costs
   no memory.
-* **channels_last**: NHWC memory layout for the convolutions (tensor cores want it; on CPU it is
-  left off).
-* **torch.compile** of the UNet and the VAE encoder and decoder, in place (``nn.Module.compile``, so
-  the modules keep their type and config), one static graph per input shape. On CUDA the default
-  mode ``max-autotune`` also captures CUDA graphs, so a denoising step launches as one graph. The
-  engine pads batches to a few sizes (``batch_bucket``) and the warm-up runs the served sizes, so
-  the graphs exist before the server says it is ready. Inductor's caches go to ``cache_dir`` (on
-  the data volume), so a restart compiles from cache.
+* **channels_last**: NHWC memory layout for the convolutions (tensor cores want it; off on CPU).
+* **torch.compile, regionally**: the UNet's repeated ``BasicTransformerBlock`` (diffusers'
+  ``compile_repeated_blocks``; 70 % of the UNet's FLOPs are in them) and the VAE's encoder and
+  decoder, with dynamic shapes. Dynamo compiles a block's code once and every instance of it reuses
+  the graph (parameters are graph inputs), in every UNet of every variant: the number of graphs a
+  warm-up builds does not grow with the number of variants, sizes or batch buckets
+  (``tests/pipelines/test_compile_counts.py``), so a restart re-traces a handful of small graphs
+  instead of ~100 whole-UNet ones. CUDA graphs over the whole UNet call (``graphs.py``) take the
+  place of ``mode="reduce-overhead"``. Inductor's caches live under ``cache_dir`` (the data volume),
+  set before anything compiles (:func:`use_compile_cache`).
+* **attention backend order** (CUDA): ``attention="cudnn"`` puts cuDNN's fused attention ahead of
+  flash (faster on Hopper in NVIDIA's numbers; measured by the bench's ``levers`` section).
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8)
+# torch's scaled-dot-product backends, in the priority order each setting gives.
+ATTENTION_ORDERS = {
+    "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "flash": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"),
+    "efficient": ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION", "MATH"),
+}
+ATTENTION_CHOICES = ("auto", *ATTENTION_ORDERS)
 
 
 @dataclass(frozen=True)
@@ -41,24 +52,32 @@ class SpeedOptions:
     fuse_qkv: bool = False
     channels_last: bool = False
     compile: bool = False
-    compile_mode: str | None = "max-autotune"  # None: torch's default mode
+    compile_mode: str | None = None  # torch's default; "max-autotune-no-cudagraphs" only if it measures better
     compile_backend: str = "inductor"  # "eager" captures graphs without generating code (tests on CPU)
-    cache_dir: Path | None = None  # inductor's cache (compiled kernels, FX graphs, autotuning results)
+    compile_dynamic: bool = True  # dynamic shapes: one graph per block for every size and bucket
+    cuda_graphs: bool = False  # whole-UNet CUDA graphs per (variant, bucket, size), recorded in the warm-up
+    attention: str = "auto"  # see ATTENTION_ORDERS
+    cache_dir: Path | None = None  # inductor's and Triton's caches (compiled kernels, FX graphs, autotuning)
 
     @classmethod
-    def for_device(cls, device: torch.device | str, compile: bool | None = None, cache_dir: Path | None = None):
-        """All levers on CUDA (``compile`` can be turned off: it costs minutes on a cold cache), none on CPU."""
+    def for_device(
+        cls, device: torch.device | str, compile: bool | None = None, cache_dir: Path | None = None, **overrides: Any
+    ) -> SpeedOptions:
+        """All levers on CUDA (``compile`` can be turned off: it costs a minute on a cold cache), none on CPU."""
         cuda = torch.device(device).type == "cuda"
-        return cls(
-            fuse_qkv=cuda,
-            channels_last=cuda,
-            compile=cuda if compile is None else compile,
-            cache_dir=cache_dir,
-        )
+        compiled = cuda if compile is None else compile
+        options = {
+            "fuse_qkv": cuda,
+            "channels_last": cuda,
+            "compile": compiled,
+            "cuda_graphs": cuda and compiled,
+            "cache_dir": cache_dir,
+        }
+        return cls(**{**options, **overrides})
 
     @property
     def pads_batches(self) -> bool:
-        """Compiled graphs are per shape: pad UNet batches to ``BATCH_BUCKETS`` so few shapes exist."""
+        """Compiled batches are padded to ``BATCH_BUCKETS``, so CUDA graphs exist for every batch there is."""
         return self.compile
 
 
@@ -98,6 +117,7 @@ def fuse_qkv_projections(model: nn.Module) -> int:
 @torch.no_grad()
 def _share(fused: nn.Linear, parts: list[nn.Linear]) -> None:
     """Point each part's weight (and bias) at its rows of ``fused``: one copy of the numbers."""
+    fused.requires_grad_(False)  # diffusers makes the fused projection a fresh (trainable) Linear
     start = 0
     for part in parts:
         rows = part.weight.shape[0]
@@ -107,25 +127,82 @@ def _share(fused: nn.Linear, parts: list[nn.Linear]) -> None:
         start += rows
 
 
-def _set_compile_limits(cache_dir: Path | None) -> None:
-    """Room for one graph per (bucket, size, variant) and a persistent kernel cache."""
+def use_compile_cache(cache_dir: Path) -> None:
+    """Point inductor's and Triton's caches at ``cache_dir``, before anything compiles.
+
+    Assigned, not ``setdefault``: inductor writes its ``/tmp`` default into ``TORCHINDUCTOR_CACHE_DIR``
+    the first time it asks for its cache dir, after which a ``setdefault`` would change nothing and a
+    restart would find a cold cache. Inductor's memoised paths are cleared so they follow.
+    """
+    cache_dir = Path(cache_dir).resolve()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
+    from torch._inductor.utils import clear_caches
+
+    clear_caches()
+
+
+def _set_compile_limits() -> None:
+    """Room for the few graphs per block that dynamic shapes still need (batch 1 is specialised), and
+    no duck sizing: with it a square first size (1024x1024) makes height == width a guard, and the
+    first non-square size would compile everything again."""
     import torch._dynamo
+    import torch.fx.experimental._config as fx_config
 
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), 256))
+            setattr(config, name, max(getattr(config, name), 64))
     if hasattr(config, "accumulated_recompile_limit"):
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
-    if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
+    fx_config.use_duck_shape = False
+
+
+def set_attention_order(attention: str) -> list[str]:
+    """Give torch's scaled-dot-product attention its backend priority (``ATTENTION_ORDERS``); "auto" keeps
+    torch's own. Global, like every SDPA setting; applied before anything is compiled (the choice is
+    traced into the graphs). Returns the order now in force."""
+    from torch.nn.attention import SDPBackend
+
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+    if attention != "auto":
+        order = [getattr(SDPBackend, name) for name in ATTENTION_ORDERS[attention]]
+        every = list(SDPBackend.__members__.values())
+        rest = [b for b in every if b not in order and int(b.value) >= 0]
+        torch._C._set_sdp_priority_order([int(b.value) for b in order + rest])
+    by_value = {int(b.value): name for name, b in SDPBackend.__members__.items()}
+    return [by_value[v] for v in torch._C._get_sdp_priority_order()]
+
+
+def compile_kwargs(options: SpeedOptions) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": options.compile_dynamic, "backend": options.compile_backend}
+    if options.compile_mode and options.compile_backend == "inductor":
+        kwargs["mode"] = options.compile_mode
+    return kwargs
+
+
+def compile_regions(unet: nn.Module, vae: Any, options: SpeedOptions) -> bool:
+    """Compile the UNet's repeated blocks and both VAE halves in place (``nn.Module.compile``: the modules
+    keep their type and config). Idempotent per module; returns whether anything was compiled now."""
+    _set_compile_limits()
+    kwargs = compile_kwargs(options)
+    done = False
+    if not getattr(unet, "_inpaint_compiled", False):
+        unet.compile_repeated_blocks(**kwargs)
+        unet._inpaint_compiled = done = True
+    for module in (vae.encoder, vae.decoder):
+        if not getattr(module, "_inpaint_compiled", False):
+            module.compile(**kwargs)
+            module._inpaint_compiled = done = True
+    return done
 
 
 def optimize_pipeline(pipe: Any, options: SpeedOptions) -> list[str]:
     """Apply ``options`` to a loaded pipeline's UNet and VAE, in place; returns what was applied.
 
-    Idempotent per module (a UNet shared by several pipelines is changed once).
+    Idempotent per module (a UNet or VAE shared by several pipelines is changed once).
     """
     applied: list[str] = []
     unet, vae = pipe.unet, pipe.vae
@@ -140,13 +217,8 @@ def optimize_pipeline(pipe: Any, options: SpeedOptions) -> list[str]:
                 module._inpaint_channels_last = True
         applied.append("channels_last")
     if options.compile:
-        _set_compile_limits(options.cache_dir)
-        kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": options.compile_backend}
-        if options.compile_mode and options.compile_backend == "inductor":
-            kwargs["mode"] = options.compile_mode
-        for module in (unet, vae.encoder, vae.decoder):
-            if not getattr(module, "_inpaint_compiled", False):
-                module.compile(**kwargs)
-                module._inpaint_compiled = True
-        applied.append(f"torch.compile ({options.compile_backend}, {kwargs.get('mode', 'default')})")
+        compile_regions(unet, vae, options)
+        kwargs = compile_kwargs(options)
+        shapes = "dynamic" if options.compile_dynamic else "static"
+        applied.append(f"torch.compile of the UNet's blocks and the VAE ({kwargs['backend']}, {shapes} shapes)")
     return applied

@@ -118,6 +118,7 @@ def create_app(
         try:
             yield
         finally:
+            host.stop()
             await service.stop()
             await webhooks.stop()
             store.close()
@@ -135,8 +136,13 @@ def create_app(
     app.state.host = host
     app.state.metrics = metrics
     app.state.webhooks = webhooks
+
     # Called on SIGTERM by `inpaint-server serve` (server.draining.DrainingServer) before uvicorn shuts down.
-    app.state.drain = lambda: service.drain(settings.drain_grace_s)
+    def drain() -> Any:
+        host.stop()  # no more background warm-up: the GPU finishes the running batch and stops
+        return service.drain(settings.drain_grace_s)
+
+    app.state.drain = drain
 
     def owner_of(request: Request) -> str:
         return auth.owner(request.headers.get("authorization"))
@@ -159,7 +165,10 @@ def create_app(
         if service.draining:
             return JSONResponse({"status": "draining", "detail": "the server is shutting down"}, status_code=503)
         if host.ready:
-            return JSONResponse({"status": "ready"})
+            body: dict[str, Any] = {"status": "ready"}
+            if host.warming_later:  # other sizes still being warmed: they run, a little slower until done
+                body["warming"] = {"runs_left": host.warming_later}
+            return JSONResponse(body)
         body = {"status": host.state, "detail": public_message(host.error or f"models are {host.state}")}
         return JSONResponse(body, status_code=503)
 

@@ -12,6 +12,8 @@ from typing import Any
 
 log = logging.getLogger("inpaint-server.engine")
 
+DEFAULT_SIZE = "square_hd"  # the image_size both apps' schemas default to
+
 
 class EngineHost:
     """Holds the engine. ``state`` is ``loading``, ``warming``, ``ready``, ``failed`` (did not load) or
@@ -40,6 +42,12 @@ class EngineHost:
         self._ready = asyncio.Event()
         self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self._thread: threading.Thread | None = None
+        self.warming_later = 0  # background warm-up runs still to do (other sizes' CUDA graphs)
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Shutting down (or draining): start no more background warm-up runs."""
+        self._stopping.set()
 
     @property
     def ready(self) -> bool:
@@ -65,9 +73,12 @@ class EngineHost:
             if self.engine is None:
                 assert self._loader is not None
                 self.engine = self._loader()
+            later = []
             if self._warmup:
                 self.state = "warming"
-                self.gpu.submit(self._warm).result()
+                plan = warmup_plan(self.engine, self._warmup_sizes)
+                self.gpu.submit(self._warm, plan.ready).result()
+                later = plan.later
             self.state = "ready"
             log.info("engine ready")
             loop.call_soon_threadsafe(self._ready.set)
@@ -76,86 +87,54 @@ class EngineHost:
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("engine failed to load")
             loop.call_soon_threadsafe(self._ready.set)  # wake waiters: they check ``ready`` and fail jobs
+            return
+        self._warm_later(later)
 
-    def _warm(self) -> None:
-        warm_up(self.engine, self._warmup_sizes)
+    def _warm(self, units: list[Any]) -> None:
+        from pipelines.warmup import run_units
+
+        run_units(self.engine, units, "before ready")
         seal = getattr(self.engine, "seal_compiled_shapes", None)
         if seal is not None:
             seal()  # from now on a shape the warm-up did not compile runs eagerly instead of compiling
 
+    def _warm_later(self, units: list[Any]) -> None:
+        """The other sizes, one unit at a time on the GPU thread: a batch submitted meanwhile waits for
+        one unit at most. A unit that fails is logged and skipped (its size runs without CUDA graphs)."""
+        from pipelines.warmup import run_unit
 
-def warm_up(engine: Any, sizes: list[tuple[int, int]] | None = None, buckets: tuple[int, ...] | None = None) -> None:
-    """Run every loaded variant once, then the cheapest variant at each size in ``sizes``.
+        self.warming_later = len(units)
+        started = time.perf_counter()
+        for n, unit in enumerate(units):
+            if self.state != "ready" or self._stopping.is_set():  # a GPU fault, a drain or a shutdown
+                self.warming_later = 0
+                return
+            try:
+                work = self.gpu.submit(run_unit, self.engine, unit, n)
+            except RuntimeError:  # the executor is shut down: the process is exiting
+                self.warming_later = 0
+                return
+            try:
+                work.result()
+            except Exception:
+                log.exception("background warm-up of %s failed; that size runs without CUDA graphs", unit)
+            self.warming_later -= 1
+        if units:
+            log.info("background warm-up done: %d runs in %.1f s", len(units), time.perf_counter() - started)
 
-    The first pass pays each variant's first-call costs (lazy initialisation, weights touched once).
-    The second pays each resolution's: on CUDA, kernel and cuDNN plan selection and the caching
-    allocator's growth happen per shape and are shared by the variants (one architecture), so one
-    1-step run per size is enough for the first user request at that size to run at steady-state
-    speed (reliability case R18). ``sizes`` defaults to fal's ``image_size`` presets on CUDA and to
-    none on CPU, where first calls cost little and full-size runs would slow every start.
 
-    A compiled engine (``engine.speed.compile``) has one graph per shape and module, so there every
-    variant runs every size at every batch bucket (``buckets``, default 1/2/4/8): that is when the
-    compilation happens (from the compile cache after the first start), before the server is ready.
-    """
-    from PIL import Image
-
-    from pipelines import InpaintRequest
+def warmup_plan(engine: Any, sizes: list[tuple[int, int]] | None = None) -> Any:
+    """The engine's warm-up plan for the served sizes: fal's ``image_size`` presets on CUDA by default
+    (none on CPU, where first calls cost little and full-size runs would slow every start); the
+    default size (``square_hd``, both apps' default) is warmed before ready, the others after."""
+    from pipelines.warmup import plan_warmup
 
     from .image_sizes import PRESETS
 
     if sizes is None:
         device = getattr(engine, "device", None)
         sizes = sorted(set(PRESETS.values())) if getattr(device, "type", None) == "cuda" else []
-
-    compiled = bool(getattr(getattr(engine, "speed", None), "compile", False))
-    if buckets is None:
-        from pipelines.optimize import BATCH_BUCKETS
-
-        buckets = BATCH_BUCKETS if compiled else (1,)
-
-    def run(n: int, app_id: str, steps: int, size: tuple[int, int], check_safety: bool, batch: int = 1) -> None:
-        image = Image.new("RGB", size, (127, 127, 127))
-        mask = Image.new("L", size, 0)
-        mask.paste(255, (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
-        requests = [
-            InpaintRequest(
-                app_id=app_id,
-                image=image,
-                mask=mask,
-                prompt="warm-up",
-                steps=steps,
-                seed=k,
-                image_size=size,
-                enable_safety_checker=check_safety,
-                request_id=f"warmup-{n}-{k}",
-            )
-            for k in range(batch)
-        ]
-        for result in engine.run(requests):
-            if result.error is not None:
-                raise result.error
-
-    started = time.perf_counter()
-    variants = sorted(engine.variants)
-    for n, (app_id, steps) in enumerate(variants):
-        run(n, app_id, steps, (64, 64), n == 0)
-    n = len(variants)
-    if compiled:
-        for app_id, steps in variants:
-            for size in sizes:
-                for batch in buckets:
-                    run(n, app_id, steps, size, False, batch)
-                    n += 1
-    else:
-        cheapest = min(variants, key=lambda v: v[1])
-        for size in sizes:
-            run(n, *cheapest, size, True)
-            n += 1
-    log.info(
-        "warm-up done for %d variants, %d sizes and batches %s in %.1f s",
-        len(variants),
-        len(sizes),
-        "/".join(map(str, buckets)),
-        time.perf_counter() - started,
-    )
+    planner = getattr(engine, "warmup_plan", None)
+    if planner is not None:
+        return planner(sizes, PRESETS[DEFAULT_SIZE])
+    return plan_warmup(engine, sizes, PRESETS[DEFAULT_SIZE])

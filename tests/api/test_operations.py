@@ -268,70 +268,117 @@ def test_ready_waits_for_the_warm_up_too(engine, tmp_path: Path) -> None:
         thread.join(30)
 
 
-def test_warm_up_runs_each_variant_then_each_served_size_on_cuda(engine) -> None:
-    """R18: on CUDA the warm-up also runs every image_size preset once (with the fewest-steps variant), so
-    the first request at a served size pays no per-shape first-call cost; on CPU it runs the variants only."""
-    from types import SimpleNamespace
-
-    from pipelines.types import InpaintResult
-    from server.engine_host import warm_up
-    from server.image_sizes import PRESETS
-
-    class Recorder:
-        """Records what warm_up asks for; ``device`` is all it changes about the real engine."""
-
-        def __init__(self, device: str) -> None:
-            self.variants = engine.variants
-            self.device = SimpleNamespace(type=device)
-            self.runs: list[tuple[str, int, tuple[int, int]]] = []
-
-        def run(self, requests):
-            (request,) = requests
-            self.runs.append((request.app_id, request.steps, request.image_size))
-            return [InpaintResult(request_id=request.request_id)]
-
-    on_cpu, on_cuda = Recorder("cpu"), Recorder("cuda")
-    warm_up(on_cpu)
-    warm_up(on_cuda)
-    each_variant = [(app, steps, (64, 64)) for app, steps in sorted(engine.variants)]
-    assert on_cpu.runs == each_variant
-    fewest = min(sorted(engine.variants), key=lambda v: v[1])
-    assert on_cuda.runs == each_variant + [(*fewest, size) for size in sorted(set(PRESETS.values()))]
-    real = Recorder("cpu")
-    real.run = engine.run  # and the sizes really run through the engine
-    warm_up(real, sizes=[(96, 64)])
-
-
-def test_a_compiled_engine_warms_every_variant_size_and_batch_bucket(engine) -> None:
-    """With torch.compile a graph exists per module and shape: the warm-up runs each variant at each
-    size at batches of 1, 2, 4 and 8 (one engine.run per batch), so none compiles on a user request."""
+def _recorder(engine: Any, device: str, compiled: bool = False) -> Any:
+    """An engine stand-in that records what the warm-up asks for (``device`` and ``speed`` are all it changes)."""
     from types import SimpleNamespace
 
     from pipelines.optimize import SpeedOptions
     from pipelines.types import InpaintResult
-    from server.engine_host import warm_up
 
-    runs: list[tuple[tuple[str, int], tuple[int, int], int]] = []
-
-    class Compiled:
+    class Recorder:
         variants = engine.variants
-        device = SimpleNamespace(type="cuda")
-        speed = SpeedOptions(compile=True)
+        speed = SpeedOptions(compile=compiled)
+
+        def __init__(self) -> None:
+            self.device = SimpleNamespace(type=device)
+            self.runs: list[tuple[tuple[str, int], tuple[int, int], int]] = []
 
         def run(self, requests):
             first = requests[0]
             assert all(
                 (r.app_id, r.steps, r.image_size) == (first.app_id, first.steps, first.image_size) for r in requests
             )
-            runs.append(((first.app_id, first.steps), first.image_size, len(requests)))
+            self.runs.append(((first.app_id, first.steps), first.image_size, len(requests)))
             return [InpaintResult(request_id=r.request_id) for r in requests]
 
-    warm_up(Compiled(), sizes=[(1024, 1024), (768, 1024)])
+    return Recorder()
+
+
+def test_warm_up_runs_each_variant_then_each_served_size_on_cuda(engine) -> None:
+    """R18 without compiling: every variant once, then on CUDA every image_size preset once (with the
+    fewest-steps variant), all before ready; on CPU the variants only."""
+    from pipelines.warmup import run_units
+    from server.engine_host import warmup_plan
+    from server.image_sizes import PRESETS
+
+    on_cpu, on_cuda = _recorder(engine, "cpu"), _recorder(engine, "cuda")
+    for recorder in (on_cpu, on_cuda):
+        plan = warmup_plan(recorder)
+        assert plan.later == []
+        run_units(recorder, plan.ready, "test")
     variants = sorted(engine.variants)
-    expected = [(v, (64, 64), 1) for v in variants] + [
-        (v, size, batch) for v in variants for size in [(1024, 1024), (768, 1024)] for batch in (1, 2, 4, 8)
-    ]
-    assert runs == expected
+    each_variant = [(v, (64, 64), 1) for v in variants]
+    assert on_cpu.runs == each_variant
+    fewest = min(variants, key=lambda v: v[1])
+    assert on_cuda.runs == each_variant + [(fewest, size, 1) for size in sorted(set(PRESETS.values()))]
+    run_units(engine, warmup_plan(engine, [(96, 64)]).ready, "test")  # and the units really run on the engine
+
+
+def test_a_compiled_engine_warms_the_default_size_before_ready_and_the_others_after(engine) -> None:
+    """Issue 10 §2: with torch.compile the default size (square_hd) runs for every variant at batches of 1,
+    2, 4 and 8 before ready (compiling the shared graphs, recording each variant's CUDA graphs, the 1-step
+    variants included); every other size comes after, in the background. No useless 64x64 pass."""
+    from pipelines.warmup import run_units
+    from server.engine_host import warmup_plan
+
+    compiled = _recorder(engine, "cuda", compiled=True)
+    plan = warmup_plan(compiled, [(768, 1024), (1024, 1024)])
+    variants = sorted(engine.variants)
+    run_units(compiled, plan.ready, "test")
+    assert compiled.runs == [(v, (1024, 1024), rows) for v in variants for rows in (1, 2, 4, 8)]
+    compiled.runs.clear()
+    run_units(compiled, plan.later, "test")
+    assert compiled.runs == [(v, (768, 1024), rows) for v in variants for rows in (1, 2, 4, 8)]
+
+
+def test_other_sizes_warm_in_the_background_after_ready(engine, tmp_path: Path) -> None:
+    """Issue 10 §2: /health/ready is 200 once the default size is warm, and says how many background runs
+    are left while the other sizes warm on the GPU thread; a request is served in between."""
+    from pipelines.warmup import plan_warmup
+
+    class Compiled:
+        """The real engine, planned as a compiled one; the background runs wait at the gate."""
+
+        speed = _recorder(engine, "cuda", compiled=True).speed
+
+        def __init__(self) -> None:
+            self.gate, self.started = threading.Event(), threading.Event()
+            self.runs: list[tuple[int, int]] = []
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(engine, name)
+
+        def warmup_plan(self, sizes, default_size):
+            return plan_warmup(self, sizes, default_size)
+
+        def run(self, requests, should_stop=None, on_progress=None):
+            first = getattr(requests[0], "request", requests[0])  # the worker passes prepared requests
+            self.runs.append(first.image_size)
+            if first.request_id.startswith("warmup") and first.image_size == (48, 64):
+                self.started.set()
+                assert self.gate.wait(60)
+            return engine.run(requests, should_stop, on_progress)
+
+    compiled = Compiled()
+    settings = {"data_dir": tmp_path / "data", "warmup": True, "warmup_sizes": "64x48,48x64"}
+    app = create_app(load_settings(settings), engine=compiled)
+    live, thread = _serve_without_waiting(app)
+    try:
+        with client_for(live) as client:
+            poll_until(lambda: client.get("/health/ready").status_code == 200, what="the first size to warm")
+            assert compiled.started.wait(30)
+            assert compiled.runs.count((64, 48)) == 4 * len(engine.variants)  # every variant x bucket, before ready
+            body = client.get("/health/ready").json()
+            assert body["status"] == "ready" and body["warming"]["runs_left"] == 4 * len(engine.variants)
+            rid = submit(client, seed=1)["request_id"]  # queued behind one background run at most
+            compiled.gate.set()
+            assert "error" not in wait_for(client, LIGHTNING, rid)
+            poll_until(lambda: "warming" not in client.get("/health/ready").json(), what="the background warm-up")
+            assert compiled.runs.count((48, 64)) == 4 * len(engine.variants)
+    finally:
+        compiled.gate.set()
+        live.server.should_exit = True
+        thread.join(30)
 
 
 def test_warm_up_and_every_batch_run_on_one_gpu_thread(make_server, engine) -> None:

@@ -96,8 +96,8 @@ def test_channels_last_computes_the_same(parts) -> None:
 
 @torch.no_grad()
 def test_optimize_pipeline_captures_whole_graphs_and_matches(parts) -> None:
-    """fuse + channels_last + compile (eager backend, fullgraph): same outputs at two batch sizes,
-    and a graph break anywhere in the UNet or VAE would raise here."""
+    """fuse + channels_last + compile (eager backend, fullgraph): same outputs at two batch sizes, and a
+    graph break anywhere in a compiled region (each transformer block, each VAE half) would raise here."""
     unet, vae, _ = parts
     references = {b: unet(**_unet_inputs(unet, batch=b)).sample for b in (1, 2)}
     latents = torch.randn(2, vae.config.latent_channels, 4, 6, generator=torch.Generator().manual_seed(2))
@@ -111,18 +111,24 @@ def test_optimize_pipeline_captures_whole_graphs_and_matches(parts) -> None:
     options = SpeedOptions(fuse_qkv=True, channels_last=True, compile=True, compile_backend="eager")
     applied = optimize_pipeline(pipe, options)
     assert [a.split(" ")[0] for a in applied] == ["fused", "channels_last", "torch.compile"]
+    assert "dynamic shapes" in applied[-1]
     torch._dynamo.reset()
     for b, reference in references.items():
         torch.testing.assert_close(unet(**_unet_inputs(unet, batch=b)).sample, reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(vae.decode(latents).sample, decoded, rtol=1e-4, atol=1e-5)
     assert optimize_pipeline(pipe, options)[-1].startswith("torch.compile")  # again: no second wrapping
-    assert unet._compiled_call_impl is not None
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)  # the repeated blocks, regionally
+    assert unet._compiled_call_impl is None  # not the whole UNet: CUDA graphs cover its glue (graphs.py)
+    assert vae.encoder._compiled_call_impl is not None and vae.decoder._compiled_call_impl is not None
 
 
 def test_speed_options_defaults_per_device() -> None:
     cpu, cuda = SpeedOptions.for_device("cpu"), SpeedOptions.for_device("cuda")
-    assert (cpu.fuse_qkv, cpu.channels_last, cpu.compile) == (False, False, False)
-    assert (cuda.fuse_qkv, cuda.channels_last, cuda.compile) == (True, True, True)
+    assert (cpu.fuse_qkv, cpu.channels_last, cpu.compile, cpu.cuda_graphs) == (False, False, False, False)
+    assert (cuda.fuse_qkv, cuda.channels_last, cuda.compile, cuda.cuda_graphs) == (True, True, True, True)
+    assert cuda.compile_mode is None  # torch's default mode: max-autotune only where it measures better
+    assert cuda.compile_dynamic and cuda.attention == "auto"
     assert SpeedOptions.for_device("cuda", compile=False).compile is False
     assert cuda.pads_batches and not cpu.pads_batches
 
@@ -137,3 +143,26 @@ def test_batch_bucket(rows: int, bucket: int) -> None:
 def test_batch_bucket_refuses_empty() -> None:
     with pytest.raises(ValueError):
         batch_bucket(0)
+
+
+def test_fused_projections_are_frozen_too(parts) -> None:
+    """diffusers builds the fused projection as a fresh, trainable Linear; it is frozen like the rest."""
+    unet = parts[0]
+    unet.requires_grad_(False)
+    fuse_qkv_projections(unet)
+    assert not any(p.requires_grad for p in unet.parameters())
+
+
+@pytest.mark.parametrize("attention", ["cudnn", "flash", "efficient"])
+def test_attention_order_puts_the_chosen_backend_first(attention: str) -> None:
+    from pipelines.optimize import ATTENTION_ORDERS, set_attention_order
+
+    saved = torch._C._get_sdp_priority_order()
+    try:
+        order = set_attention_order(attention)
+        assert order[: len(ATTENTION_ORDERS[attention])] == list(ATTENTION_ORDERS[attention])
+        assert set_attention_order("auto") == order  # "auto" leaves the order in force alone
+    finally:
+        torch._C._set_sdp_priority_order(saved)
+    with pytest.raises(ValueError, match="attention"):
+        set_attention_order("fastest")
