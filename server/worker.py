@@ -34,6 +34,7 @@ log = logging.getLogger("inpaint-server.jobs")
 class _Prepared:
     prepared: Any = None  # the engine's PreparedRequest
     key: Any = None
+    rows: int = 1  # image rows the job adds to a batch (its num_images)
     error: tuple[str, str, str | None] | None = None  # (error_type, message, field)
 
 
@@ -59,6 +60,7 @@ class GpuWorker:
         self._queue_changed = asyncio.Event()
         self.finalizers: set[asyncio.Task] = set()
         self.running: list[str] = []
+        self.max_rows = 8  # image rows per batch: the engine's max_batch_rows, read once it has loaded
         self.abandoned = False  # the drain grace period ran out: the running batch stops and is not finalized
         # GPU faults: when the running batch last showed progress (time.monotonic, for the watchdog), and
         # how the process ends after a fault (replaced in tests that run the server in-process).
@@ -100,6 +102,8 @@ class GpuWorker:
     async def run(self) -> None:
         """The worker loop (the ``gpu-worker`` task); runs until cancelled or the process exits."""
         engine = await self.host.wait_ready()
+        if engine is not None:
+            self.max_rows = int(getattr(engine, "max_batch_rows", self.max_rows))
         if engine is None:  # the models did not load: say so to every waiting request, now and later
             while True:
                 for job_id in self.queue.head(len(self.queue)):
@@ -116,10 +120,11 @@ class GpuWorker:
                 await asyncio.sleep(0.1)
 
     def _collect(self, head: Job, prep: _Prepared) -> list[Job]:
-        """The head and the queued jobs whose inputs are ready with the same batch key, up to the batch size."""
-        batch = [head]
+        """The head and the queued jobs whose inputs are ready with the same batch key, up to the batch size
+        and up to the engine's image rows per batch (``num_images`` summed: a shape the warm-up built)."""
+        batch, rows = [head], prep.rows
         for job_id in self.queue.head(self.settings.max_batch_size * 4):
-            if len(batch) >= self.settings.max_batch_size:
+            if len(batch) >= self.settings.max_batch_size or rows >= self.max_rows:
                 break
             if job_id == head.id:
                 continue
@@ -127,16 +132,34 @@ class GpuWorker:
             if other is None or not other.done() or other.cancelled():
                 continue
             p = other.result()
-            if p.error is None and p.key == prep.key and not self.jobs.timed_out(self.active[job_id]):
+            fits = rows + p.rows <= self.max_rows
+            if p.error is None and p.key == prep.key and fits and not self.jobs.timed_out(self.active[job_id]):
                 batch.append(self.active[job_id])
+                rows += p.rows
         return batch
+
+    def _room(self, batch: list[Job]) -> bool:
+        """Whether another job could still join ``batch`` (fewer jobs than max_batch_size, rows to spare)."""
+        rows = sum(self._prep[j.id].result().rows for j in batch if j.id in self._prep and self._prep[j.id].done())
+        return len(batch) < self.settings.max_batch_size and rows < self.max_rows
+
+    def _may_grow(self, batch: list[Job]) -> bool:
+        """Whether waiting ``batch_window_ms`` could add to ``batch``: another queued job's inputs are still
+        being fetched or decoded (its batch key is not known yet). With nothing else queued, or everything
+        else prepared for another batch, the batch runs at once."""
+        members = {job.id for job in batch}
+        for job_id in self.queue.head(self.settings.max_batch_size * 4):
+            task = self._prep.get(job_id)
+            if job_id not in members and (task is None or not task.done()):
+                return True
+        return False
 
     async def _fill(self, engine: Any, head: Job, prep: _Prepared, batch: list[Job]) -> list[Job]:
         """Wait up to ``batch_window_ms`` for batch-mates: requests submitted meanwhile, or queued ones whose
         inputs are still being fetched. Returns as soon as the batch is full; re-collects on every change."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.batch_window_ms / 1000
-        while len(batch) < self.settings.max_batch_size and head.id in self.queue and not self.jobs.draining:
+        while self._room(batch) and head.id in self.queue and not self.jobs.draining:
             left = deadline - loop.time()
             if left <= 0:
                 break
@@ -179,7 +202,7 @@ class GpuWorker:
         if self.jobs.timed_out(head):
             return
         batch = self._collect(head, prep)
-        if len(batch) < self.settings.max_batch_size and self.settings.batch_window_ms > 0:
+        if self._room(batch) and self.settings.batch_window_ms > 0 and self._may_grow(batch):
             batch = await self._fill(engine, head, prep, batch)
             if head_id not in self.queue or self.jobs.draining:
                 return
@@ -338,7 +361,7 @@ class GpuWorker:
             prepared = await asyncio.to_thread(engine.prepare, request)
             prepared.timings["fetch"] = fetched - started
             slim_input(job)
-            return _Prepared(prepared=prepared, key=engine.batch_key(prepared))
+            return _Prepared(prepared=prepared, key=engine.batch_key(prepared), rows=request.num_images)
         except InputFetchError as exc:
             return _Prepared(error=(exc.error_type, exc.message, exc.field))
         except InputError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from typing import Any
 
 import httpx
 
@@ -22,6 +23,7 @@ from tests.api.fal_wire import (
     submit,
     wait_for,
 )
+from tests.live import GatedEngine
 
 
 def _url(rid: str, suffix: str = "", app_id: str = LIGHTNING) -> str:
@@ -195,21 +197,76 @@ def test_queued_compatible_requests_share_one_engine_run(make_server, engine, re
         assert seeds == {0, 1, 2, 3}  # each request keeps its own seed inside the batch
 
 
-def test_a_request_waits_batch_window_ms_for_batch_mates(make_server, engine, request) -> None:
-    """With an idle GPU, a request submitted 0.2 s after another joins its batch when batch_window_ms
-    allows it (the first waited), and runs apart when the window is 0."""
+class SlowPrepare(GatedEngine):
+    """The gated engine, but preparing a request with seed ``slow_seed`` takes ``delay`` seconds (a slow
+    image host, as far as the GPU lane can tell)."""
+
+    def __init__(self, engine: Any, slow_seed: int, delay: float) -> None:
+        super().__init__(engine)
+        self.slow_seed, self.delay = slow_seed, delay
+
+    def prepare(self, request: Any) -> Any:
+        if request.seed == self.slow_seed:
+            time.sleep(self.delay)
+        return self.engine.prepare(request)
+
+
+def _fill_spy(server: Any) -> list[str]:
+    worker = server.app.state.service.worker
+    waits: list[str] = []
+    fill = worker._fill
+
+    async def spy(engine, head, prep, batch):
+        waits.append(head.id)
+        return await fill(engine, head, prep, batch)
+
+    worker._fill = spy
+    return waits
+
+
+def test_a_request_waits_batch_window_ms_for_batch_mates_still_being_prepared(make_server, engine, request) -> None:
+    """A request ready to run waits up to batch_window_ms while a queued request behind it is still being
+    fetched and decoded, and they share the batch; with a window of 0 they run apart."""
     for window, together in ((1000.0, True), (0.0, False)):
-        server, gate = gated_server(make_server, engine, request, max_batch_size=4, batch_window_ms=window)
+        gate = SlowPrepare(engine, slow_seed=2, delay=0.3)
+        request.addfinalizer(gate.release.set)
+        server = make_server(engine_override=gate, max_batch_size=4, batch_window_ms=window)
+        waits = _fill_spy(server)
         with client_for(server) as client:
             first = submit(client, seed=1)["request_id"]
-            time.sleep(0.2)
             second = submit(client, seed=2)["request_id"]
             for rid in (first, second):
                 assert "error" not in wait_for(client, LIGHTNING, rid)
         if together:
-            assert gate.batches == [[first, second]]
+            assert gate.batches == [[first, second]] and waits == [first]
         else:
-            assert gate.batches == [[first], [second]]
+            assert gate.batches == [[first], [second]] and waits == []
+
+
+def test_a_lone_request_does_not_wait_for_the_window(make_server, engine, request) -> None:
+    """Issue 10 §5: nothing else queued or being prepared: the batch window is not waited at all."""
+    server, gate = gated_server(make_server, engine, request, max_batch_size=4, batch_window_ms=1000.0)
+    waits = _fill_spy(server)
+    with client_for(server) as client:
+        rid = submit(client, seed=1)["request_id"]
+        assert "error" not in wait_for(client, LIGHTNING, rid)
+    assert gate.batches == [[rid]] and waits == []  # the worker never entered the window
+
+
+def test_batches_hold_at_most_eight_image_rows(make_server, engine, request) -> None:
+    """Issue 10 §5: a batch is bounded by image rows (num_images summed) as well as by requests: queued
+    requests of 4, 4 and 2 images make a batch of 8 rows, then one of 2."""
+    server, gate = gated_server(make_server, engine, request, max_batch_size=4)
+    with client_for(server) as client:
+        held = hold_one(client, gate)
+        ids = [submit(client, seed=n, num_images=k)["request_id"] for n, k in enumerate((4, 4, 2))]
+        worker = server.app.state.service.worker
+        poll_until(lambda: all(worker.is_prepared(rid) for rid in ids), what="queued inputs prepared")
+        gate.hold = False
+        gate.release.set()
+        for rid in ids:
+            assert "error" not in wait_for(client, LIGHTNING, rid)
+    assert gate.batches == [[held], ids[:2], ids[2:]]
 
 
 def test_a_full_batch_does_not_wait_for_the_window(make_server, engine, request) -> None:
