@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -282,7 +283,15 @@ def _default_loader(settings: Settings) -> Callable[[], Any]:
                 variants += [(app.app_id, int(steps))] if steps else [(app.app_id, n) for n in app.steps]
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         cache_dir = settings.compile_cache_dir or settings.data_dir / "compile-cache"
-        speed = SpeedOptions.for_device(device, compile=settings.compile, cache_dir=cache_dir)
+        speed = SpeedOptions.for_device(
+            device,
+            compile=settings.compile,
+            cache_dir=cache_dir,
+            compile_mode=None if settings.compile_mode == "default" else settings.compile_mode,
+            attention=settings.attention,
+        )
+        if settings.cuda_graphs is not None:
+            speed = replace(speed, cuda_graphs=settings.cuda_graphs and speed.compile)
         return Engine.load(
             spec,
             device=device,

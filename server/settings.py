@@ -65,19 +65,38 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Load only these variants, as APP or APP:STEPS (e.g. fast-lightning-sdxl:4). Default: all.",
     )
-    warmup: bool = Field(True, description="Run every variant once (and warmup_sizes) before reporting ready.")
-    max_batch_size: int = Field(4, ge=1, le=64, description="Most requests run together in one GPU batch.")
+    warmup: bool = Field(
+        True, description="Warm every variant up (at warmup_sizes) before reporting ready; false: ready at once."
+    )
+    max_batch_size: int = Field(
+        4, ge=1, le=64, description="Most requests run together in one GPU batch (and at most 8 image rows in all)."
+    )
     compile: bool | None = Field(
         None,
-        description="torch.compile the UNet and the VAE (with CUDA graphs), one graph per batch bucket (1/2/4/8) and "
-        "image size, all built during the warm-up. Default: on with CUDA, off on CPU. The first start takes minutes; "
+        description="torch.compile the UNet's transformer blocks and the VAE (dynamic shapes: a few graphs shared by "
+        "every variant and size) and record whole-UNet CUDA graphs per variant, batch bucket (1/2/4/8) and size "
+        "during the warm-up. Default: on with CUDA, off on CPU. A cold first start compiles for a few minutes; "
         "later ones read compile_cache_dir.",
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="Inductor's mode. max-autotune-no-cudagraphs benchmarks kernel choices at compile time (minutes "
+        "more on a cold cache); use it only where the benchmark shows it pays (docs/performance.md).",
+    )
+    cuda_graphs: bool | None = Field(
+        None, description="Record whole-UNet CUDA graphs in the warm-up (needs compile). Default: on with compile."
+    )
+    attention: Literal["auto", "cudnn", "flash", "efficient"] = Field(
+        "auto",
+        description="Which scaled-dot-product attention backend torch tries first on CUDA (auto: torch's order, "
+        "flash first). cudnn may be faster on Hopper; measure with scripts/bench.py --sections levers.",
     )
     warmup_sizes: Annotated[list[tuple[int, int]] | None, NoDecode] = Field(
         None,
-        description="Image sizes the warm-up runs before the server is ready (presets or WxH, comma-separated), so "
-        "the first request at each pays no first-call or compile cost. Default: every image_size preset on CUDA, "
-        "none on CPU.",
+        description="Image sizes to warm (presets or WxH, comma-separated), so the first request at each pays no "
+        "first-call or compile cost. The default size (square_hd) is warmed before the server is ready; with compile "
+        "on, the others are warmed after, in the background, and run without CUDA graphs until then. Default: every "
+        "image_size preset on CUDA, none on CPU.",
     )
     compile_cache_dir: Path | None = Field(
         None, description="Where compiled kernels are kept between starts. Default: DATA_DIR/compile-cache."
