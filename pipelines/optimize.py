@@ -18,6 +18,8 @@ rounding; ``tests/pipelines/test_optimize.py`` checks it on the tiny models):
   instead of ~100 whole-UNet ones. CUDA graphs over the whole UNet call (``graphs.py``) take the
   place of ``mode="reduce-overhead"``. Inductor's caches live under ``cache_dir`` (the data volume),
   set before anything compiles (:func:`use_compile_cache`).
+* **FP8** (opt-in, Hopper): the UNet's linear layers in float8 with per-row scales, through torchao,
+  checked against bf16 on the same weights before the engine starts (``fp8.py``).
 * **attention backend order** (CUDA): ``attention="cudnn"`` puts cuDNN's fused attention ahead of
   flash (faster on Hopper in NVIDIA's numbers; measured by the bench's ``levers`` section).
 """
@@ -57,6 +59,8 @@ class SpeedOptions:
     compile_dynamic: bool = True  # dynamic shapes: one graph per block for every size and bucket
     cuda_graphs: bool = False  # whole-UNet CUDA graphs per (variant, bucket, size), recorded in the warm-up
     attention: str = "auto"  # see ATTENTION_ORDERS
+    fp8: bool = False  # the UNet's linear layers in FP8 (pipelines/fp8.py), behind an equivalence gate
+    fp8_max_error: float = 0.05  # the gate: relative L2 of the noise prediction against bf16
     cache_dir: Path | None = None  # inductor's and Triton's caches (compiled kernels, FX graphs, autotuning)
 
     @classmethod
@@ -206,7 +210,7 @@ def optimize_pipeline(pipe: Any, options: SpeedOptions) -> list[str]:
     """
     applied: list[str] = []
     unet, vae = pipe.unet, pipe.vae
-    if options.fuse_qkv:
+    if options.fuse_qkv:  # first: FP8 then quantizes the fused projections
         count = fuse_qkv_projections(unet) + fuse_qkv_projections(vae)
         if count:
             applied.append(f"fused qkv ({count} attention modules)")
@@ -216,6 +220,10 @@ def optimize_pipeline(pipe: Any, options: SpeedOptions) -> list[str]:
                 module.to(memory_format=torch.channels_last)
                 module._inpaint_channels_last = True
         applied.append("channels_last")
+    if options.fp8:
+        from .fp8 import quantize_unet
+
+        applied.append(f"fp8 ({quantize_unet(unet, options.fp8_max_error)})")
     if options.compile:
         compile_regions(unet, vae, options)
         kwargs = compile_kwargs(options)

@@ -289,6 +289,8 @@ def _default_loader(settings: Settings) -> Callable[[], Any]:
             cache_dir=cache_dir,
             compile_mode=None if settings.compile_mode == "default" else settings.compile_mode,
             attention=settings.attention,
+            fp8=settings.fp8,
+            fp8_max_error=settings.fp8_max_error,
         )
         if settings.cuda_graphs is not None:
             speed = replace(speed, cuda_graphs=settings.cuda_graphs and speed.compile)

@@ -91,6 +91,15 @@ class Settings(BaseSettings):
         description="Which scaled-dot-product attention backend torch tries first on CUDA (auto: torch's order, "
         "flash first). cudnn may be faster on Hopper; measure with scripts/bench.py --sections levers.",
     )
+    fp8: bool = Field(
+        False,
+        description="Run the UNet's linear layers in FP8 (torchao, per-row scales; GPUs of compute 8.9+, pip install "
+        "'inpaint-server[fp8]'). Each UNet is checked against bf16 on the same weights at start; past fp8_max_error "
+        "the server refuses to start.",
+    )
+    fp8_max_error: float = Field(
+        0.05, gt=0, le=1, description="fp8's gate: largest relative L2 error of the UNet's output against bf16."
+    )
     warmup_sizes: Annotated[list[tuple[int, int]] | None, NoDecode] = Field(
         None,
         description="Image sizes to warm (presets or WxH, comma-separated), so the first request at each pays no "
