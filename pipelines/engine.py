@@ -106,7 +106,8 @@ class Engine:
         # Whole-UNet CUDA graphs per (UNet, batch shape), recorded by the warm-up (pipelines/graphs.py).
         self.graphs = UNetGraphs.for_device(store.device, self.speed.cuda_graphs)
         self._callers: dict[int, UNetCall] = {}
-        self._sealed = False
+        self._sealed = False  # after the warm-up: runs never compile (seal_compiled_shapes)
+        self._warming = False
         # prepare() (any thread) reads the tokenizers' vocabularies while run() may be adding an
         # embedding's tokens to them; both hold this lock for that part.
         self._vocab_lock = threading.Lock()
@@ -179,11 +180,19 @@ class Engine:
     def seal_compiled_shapes(self) -> None:
         """After the warm-up: anything the warm-up did not compile (an odd shape the dynamic graphs do not
         cover, VAE tiles) runs eagerly instead of compiling inside a request (and instead of failing once
-        torch's recompile limit is reached). No-op unless compiling."""
+        torch's recompile limit is reached). No-op unless compiling.
+
+        The stance is this engine's, applied around each of its runs (torch's is process-wide): another
+        engine in the same process (the benchmark's lever sweep, tests) still compiles its warm-up."""
         if self.speed.compile:
-            torch.compiler.set_stance("eager_on_recompile")
             self._sealed = True
             log.info("compiled shapes sealed: new shapes run eagerly")
+
+    def _stance(self) -> Any:
+        """Around a run: no compiling once sealed, unless this run is part of the warm-up."""
+        if self.speed.compile and self._sealed and not self._warming:
+            return torch.compiler.set_stance("eager_on_recompile")
+        return nullcontext()
 
     @contextmanager
     def warming(self) -> Iterator[None]:
@@ -191,9 +200,13 @@ class Engine:
 
         Runs on the GPU thread only, between batches, so no request ever runs inside it.
         """
-        stance = torch.compiler.set_stance("default") if self._sealed else nullcontext()
-        with stance, self.graphs.recording_allowed():
-            yield
+        stance = torch.compiler.set_stance("default") if self.speed.compile else nullcontext()
+        self._warming = True
+        try:
+            with stance, self.graphs.recording_allowed():
+                yield
+        finally:
+            self._warming = False
 
     def warmup_plan(self, sizes: list[tuple[int, int]], default_size: tuple[int, int] | None = None) -> WarmupPlan:
         """What to run before ready and after (see :mod:`pipelines.warmup`)."""
@@ -318,6 +331,15 @@ class Engine:
         Everything runs under ``torch.inference_mode()``: no autograd graph is ever recorded, so nothing
         a result or the prompt cache keeps holds activations alive.
         """
+        with self._stance():
+            return self._run(requests, should_stop, on_progress)
+
+    def _run(
+        self,
+        requests: Sequence[InpaintRequest | PreparedRequest],
+        should_stop: ShouldStop | None,
+        on_progress: OnProgress | None,
+    ) -> list[InpaintResult]:
         results: list[InpaintResult | None] = [None] * len(requests)
         groups: dict[Hashable, list[tuple[int, PreparedRequest]]] = {}
         for i, req in enumerate(requests):

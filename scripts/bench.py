@@ -1,4 +1,4 @@
-"""Benchmark: the stock diffusers pipeline vs our engine vs our server, on one GPU, in one run (issue 5).
+"""Benchmark: the stock diffusers pipeline vs our engine, eager and compiled, on one GPU, in one run.
 
 Nothing is downloaded. The full-size SDXL architecture (UNet 2.57 B parameters, VAE, both text encoders;
 model-recipes.md §9.5) is built with random weights on the device and written once, as fp16 safetensors
@@ -10,10 +10,14 @@ with the real weights. Every section loads that one folder, so all of them compu
   variant="fp16")``, Euler "trailing" (x0 prediction for 1 step), ``guidance_scale=0``, the stock VAE
   settings (``force_upcast``: its encodes and decode run in fp32), ``strength=1.0`` so all N steps run,
   one request at a time, PIL in and out;
-* **engine**: ``pipelines.engine.Engine`` through its normal loader (the served configs with
-  ``--model-path``-style overrides pointing at the folder), ``engine.run`` on 1 request and on batches
-  of ``--batch-sizes`` requests (PIL in and out, safety checker off unless ``--safety-checker``);
-* **server**: ``server.app.create_app`` with that engine under uvicorn on 127.0.0.1 (a child process by
+* **eager**: ``pipelines.engine.Engine`` through its normal loader (the served configs with
+  ``--model-path``-style overrides pointing at the folder) without compiling (the server with
+  ``--compile false``), ``engine.run`` on 1 request and on batches of ``--batch-sizes`` requests (PIL in
+  and out, safety checker off unless ``--safety-checker``);
+* **engine**: the same with the server's levers (``--speed auto``: on CUDA fused QKV, channels_last,
+  regional torch.compile and CUDA graphs), warmed up as the server warms up before ready; the JSON's
+  ``engines`` list says how long each engine took to load and to warm up (compile and record);
+* **server** (opt-in): ``server.app.create_app`` with that engine under uvicorn on 127.0.0.1 (a child process by
   default, ``--server-mode thread`` for one process), driven over HTTP by ``--clients`` concurrent
   closed-loop clients: submit to the queue (JPEG and PNG data URIs), poll the status every
   ``--poll-interval`` s (or ``--wait stream``), fetch the result and the JPEG bytes;
@@ -22,20 +26,27 @@ with the real weights. Every section loads that one folder, so all of them compu
   ``--pixel-tol``; the naive run is fp16 with an fp32 VAE, the engine bf16), while the naive pipeline
   at another seed must not, so speed never comes from computing something else. Exit status 1 if not.
 
-Each section runs 1024x1024 inpainting with a half-image mask (the right half is repainted) for each of
-``--steps`` (SDXL-Lightning 1, 2, 4, 8). Warm-up calls are not timed; on CUDA every timed call ends with
-``torch.cuda.synchronize()``. The table gives p50/p99 of the per-request latencies, images/s over the
-wall time of the whole row, and the share of the compute floor: TFLOP per image x images/s / the dense
-matmul rate measured at the start of the run in the engine's dtype (bf16 on CUDA). TFLOP per image are
-perf-anchors.md §3's at full size and 1024x1024 (text encoders, one VAE encode, N UNet steps, decode),
-else counted from the models with ``torch.utils.flop_counter`` on the meta device; on a CPU the share
-is n/a (its matmul rate is no peak). ``--json`` gets the same rows plus the GPU, torch/CUDA/diffusers
-versions, git commit, settings, FLOP counts, the server's mean stage timings and the equivalence numbers.
+Opt-in as well: **levers** (a fresh engine per lever set, side by side: none, +fused QKV,
++channels_last, +compile, +CUDA graphs, and on CUDA +cuDNN attention and +FP8 on top) and **ready** (the
+real ``serve`` started twice on one data dir: seconds to ready cold and warm, first request vs steady).
 
-    python scripts/bench.py                                   # full size on CUDA, every section
-    python scripts/bench.py --steps 4 --batch-sizes 1,8 --clients 1,64 --json docs/bench-h200.json
-    python scripts/bench.py --sections equivalence --steps 1,4   # just the check (a minute or two)
+Each section runs 1024x1024 inpainting with a half-image mask (the right half is repainted) for each of
+``--steps`` (default 1 and 4 of SDXL-Lightning's 1, 2, 4, 8). Warm-up calls are not timed; on CUDA every
+timed call ends with ``torch.cuda.synchronize()``. The table gives p50/p99 of the per-request latencies,
+images/s over the wall time of the whole row, and the share of the compute floor: TFLOP per image x
+images/s / the dense matmul rate measured at the start of the run in the engine's dtype (bf16 on CUDA).
+TFLOP per image are perf-anchors.md §3's at full size and 1024x1024 (text encoders, one VAE encode, N
+UNet steps, decode), else counted from the models with ``torch.utils.flop_counter`` on the meta device;
+on a CPU the share is n/a (its matmul rate is no peak). ``--json`` gets the same rows plus the GPU,
+torch/CUDA/diffusers versions, git commit, settings, FLOP counts, the server's mean stage timings and
+the equivalence numbers.
+
+    python scripts/bench.py                                   # naive, eager, compiled, equivalence: < 10 min on an H200
+    python scripts/bench.py --sections server --clients 1,16,64 --json docs/bench-h200-server.json
+    python scripts/bench.py --sections levers --steps 4 --batch-sizes 1,8
     python scripts/bench.py --tiny                            # tiny models on CPU: under a minute
+
+Results are written to ``--json`` after every row, so a run cut short keeps what it measured.
 
 The engine holds one UNet per step count, as the server does (5.1 GB each in bf16); on a GPU with less
 than about 40 GB pass fewer ``--steps``.
@@ -51,6 +62,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +92,7 @@ from bench_models import (  # noqa: E402
     ANCHOR_TFLOP_1024,
     DTYPES,
     LEVERS,
+    OPTIONAL_LEVERS,
     ModelSet,
     architecture,
     compile_cache,
@@ -100,8 +113,8 @@ from bench_ready import ready_rows  # noqa: E402
 
 from pipelines.engine import Engine  # noqa: E402
 
-SECTIONS = ("naive", "engine", "server", "equivalence")
-EXTRA_SECTIONS = ("levers", "ready")  # on request only: each loads the models again
+SECTIONS = ("naive", "eager", "engine", "equivalence")
+EXTRA_SECTIONS = ("server", "levers", "ready")  # on request only: each loads the models again
 SEED = 1234
 
 
@@ -201,24 +214,24 @@ def _sig(value: float, digits: int = 5) -> float:
 
 
 def naive_phase(
-    args: argparse.Namespace, models: ModelSet, inputs: Inputs, device: torch.device
-) -> tuple[list[Row], dict[int, tuple[Output, Output]]]:
-    """The stock pipeline: its timed rows and, for the equivalence check, its outputs at two seeds."""
+    args: argparse.Namespace, models: ModelSet, inputs: Inputs, device: torch.device, out: Results
+) -> dict[int, tuple[Output, Output]]:
+    """The stock pipeline: its timed rows (to ``out``) and, for the equivalence check, its outputs at two seeds."""
     sections = set(args.sections)
-    rows: list[Row] = []
     references: dict[int, tuple[Output, Output]] = {}
     log(f"loading the naive pipeline ({args.naive_dtype})")
     pipe = load_naive(models, device, DTYPES[args.naive_dtype])
     for n in args.steps:
         pipe.scheduler = naive_scheduler(models, n)
         if "naive" in sections:
-            rows.append(bench_naive(pipe, inputs, n, args.warmup, args.iterations, args.seed))
-            log(f"naive {n} steps: p50 {rows[-1].p50_ms:.1f} ms")
+            row = bench_naive(pipe, inputs, n, args.warmup, args.iterations, args.seed)
+            out.add(row)
+            log(f"naive {n} steps: p50 {row.p50_ms:.1f} ms")
         if "equivalence" in sections:
             references[n] = (naive_output(pipe, inputs, n, args.seed), naive_output(pipe, inputs, n, args.seed + 1))
     del pipe
     free()
-    return rows, references
+    return references
 
 
 def equivalence_phase(
@@ -237,36 +250,131 @@ def equivalence_phase(
     return checks
 
 
-def engine_phase(args: argparse.Namespace, engine: Engine, inputs: Inputs, section: str = "engine") -> list[Row]:
-    """One row per (step count, batch size)."""
-    rows = []
+def engine_phase(args: argparse.Namespace, engine: Engine, inputs: Inputs, section: str, out: Any) -> None:
+    """One row per (step count, batch size), each written out as soon as it is measured."""
     for n in args.steps:
         for b in args.batch_sizes:
             row = bench_engine(engine, inputs, n, b, args.warmup, args.iterations, args.seed, args.safety_checker)
             row.section = section
             row.extra["speed"] = speed_label(engine.speed)
             log(f"{section} {n} steps, batch {b}: p50 {row.p50_ms:.1f} ms")
-            rows.append(row)
-    return rows
+            out.add(row)
 
 
-def lever_sweep(args: argparse.Namespace, models: ModelSet, inputs: Inputs, device: torch.device) -> list[Row]:
-    """The engine section once per cumulative set of levers (none, +fuse_qkv, +channels_last, +compile),
-    each on a freshly loaded engine: the gain of each lever, measured side by side in one run."""
-    rows = []
-    for k in range(len(LEVERS) + 1):
-        text = ",".join(LEVERS[:k]) or "none"
-        speed = speed_options(text, device, compile_cache(models))
+def eager_speed(args: argparse.Namespace, device: torch.device, models: ModelSet) -> Any:
+    """The engine without compiling (the server with ``--compile false``): fused QKV and channels_last on CUDA."""
+    return replace(
+        speed_options("auto", device, compile_cache(models), args.compile_backend), compile=False, cuda_graphs=False
+    )
+
+
+def lever_sets(device: torch.device) -> list[str]:
+    """The lever sweep's engines: none, then each lever of LEVERS added in turn, then (on CUDA) cuDNN
+    attention and FP8 each on top of all of them."""
+    sets = [",".join(LEVERS[:k]) or "none" for k in range(len(LEVERS) + 1)]
+    if device.type == "cuda":
+        sets += [",".join((*LEVERS, extra)) for extra in OPTIONAL_LEVERS]
+    else:  # no CUDA graphs on a CPU: the last set would repeat the one before
+        sets.pop()
+    return sets
+
+
+def lever_sweep(args: argparse.Namespace, models: ModelSet, inputs: Inputs, device: torch.device, out: Any) -> None:
+    """The engine section once per lever set (:func:`lever_sets`), each on a freshly loaded engine: the gain
+    of each lever, measured side by side in one run. A set that cannot load (FP8 failing its gate, say) is
+    recorded with its error and the sweep goes on."""
+    for text in lever_sets(device):
+        speed = speed_options(text, device, compile_cache(models), args.compile_backend)
+        label = f"levers:{speed_label(speed)}"
         log(f"lever sweep: loading the engine with {speed_label(speed)}")
-        engine = load_engine(models, args.steps, device, DTYPES[args.engine_dtype], args.safety_checker, speed)
-        rows += engine_phase(args, engine, inputs, f"levers:{speed_label(speed)}")
+        try:
+            engine = load_engine(
+                models, args.steps, device, DTYPES[args.engine_dtype], args.safety_checker, speed, args.resolution
+            )
+        except Exception as exc:
+            out.note(label, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            log(f"{label}: {exc}")
+            free()
+            continue
+        out.engine(label, engine)
+        engine_phase(args, engine, inputs, label, out)
         del engine
         free()
-    return rows
+
+
+class Results:
+    """The run's results, written to ``--json`` after every row (a run cut short keeps what it measured)."""
+
+    def __init__(self, args: argparse.Namespace, env: dict[str, Any], rate: float, floor: dict, models: ModelSet):
+        self.args, self.env, self.rate, self.floor, self.models = args, env, rate, floor, models
+        self.rows: list[Row] = []
+        self.checks: list[dict[str, Any]] = []
+        self.engines: list[dict[str, Any]] = []
+        self.notes: list[dict[str, Any]] = []
+        self.peak = rate if torch.device(args.device).type == "cuda" else None  # a CPU's matmul rate is no peak
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        self.write()
+
+    def engine(self, label: str, engine: Engine) -> None:
+        """How long an engine took to load and warm up (compile, record CUDA graphs): time to ready."""
+        from torch._dynamo.utils import counters
+
+        times = getattr(engine, "bench_times", {})
+        graphs = {"dynamo_graphs": counters["stats"]["unique_graphs"], "cuda_graphs": len(engine.graphs)}
+        self.engines.append({"label": label, "speed": speed_label(engine.speed), **times, **graphs})
+        self.write()
+
+    def note(self, label: str, **values: Any) -> None:
+        self.notes.append({"label": label, **values})
+        self.write()
+
+    def summaries(self) -> list[dict[str, Any]]:
+        return [r.summary(self.floor["tflop_per_image"][r.steps], self.peak) for r in self.rows]
+
+    def passed(self) -> bool | None:
+        return all(c["passed"] for c in self.checks) if self.checks else None
+
+    def write(self) -> None:
+        args = self.args
+        results = {
+            "benchmark": "scripts/bench.py",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": self.env,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("serve_child", "data_dir")},
+            "models": {"folder": str(self.models.root), "architecture": args.arch, "weights_seed": args.weights_seed},
+            "matmul": {
+                "dtype": args.engine_dtype,
+                "n": args.matmul_size,
+                "tflops": round(self.rate, 3),
+                "used": self.peak is not None,
+            },
+            "floor": {
+                k: {str(n): v for n, v in val.items()} if k.endswith("per_image") else val
+                for k, val in self.floor.items()
+            },
+            "engines": self.engines,
+            "rows": self.summaries(),
+            "notes": self.notes,
+            "equivalence": {
+                "ran": bool(self.checks),
+                "passed": self.passed(),
+                "tolerances": {"latent_rel_l2": args.latent_tol, "pixel_rms": args.pixel_tol},
+                "engine_dtype": args.engine_dtype,
+                "naive_dtype": args.naive_dtype,
+                "checks": self.checks,
+            },
+        }
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        partial.replace(path)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Every requested section; prints the table and writes the JSON. 1 if the equivalence check failed."""
+    """Every requested section, results written as they come; prints the table. 1 if the equivalence failed."""
     quiet_libraries()
     device = torch.device(args.device)
     sections = set(args.sections)
@@ -277,92 +385,69 @@ def run(args: argparse.Namespace) -> int:
     log(f"{_where(env)}: {args.arch} models, {size}, naive {args.naive_dtype}, engine {args.engine_dtype}")
     rate = matmul_tflops(device, DTYPES[args.engine_dtype], args.matmul_size, args.matmul_repeats)
     log(f"dense {args.matmul_size}^3 matmul in {args.engine_dtype}: {rate:.2f} TFLOP/s")
-    floor = floors(args.arch, args)
+    out = Results(args, env, rate, floors(args.arch, args), models)
+    out.write()
 
-    rows: list[Row] = []
     references: dict[int, tuple[Output, Output]] = {}
     if sections & {"naive", "equivalence"}:
-        rows, references = naive_phase(args, models, inputs, device)
+        references = naive_phase(args, models, inputs, device, out)
+    dtype = DTYPES[args.engine_dtype]
+    if "eager" in sections:
+        engine = load_engine(models, args.steps, device, dtype, args.safety_checker, eager_speed(args, device, models))
+        out.engine("eager", engine)
+        engine_phase(args, engine, inputs, "eager", out)
+        del engine
+        free()
     engine = None
-    checks: list[dict[str, Any]] = []
     if sections & {"engine", "equivalence"} or ("server" in sections and args.server_mode == "thread"):
         log(f"loading the engine ({args.engine_dtype}, {len(args.steps)} variant(s))")
-        speed = speed_options(args.speed, device, compile_cache(models))
-        engine = load_engine(models, args.steps, device, DTYPES[args.engine_dtype], args.safety_checker, speed)
-        log(f"engine levers: {speed_label(speed)}")
+        speed = speed_options(args.speed, device, compile_cache(models), args.compile_backend)
+        engine = load_engine(models, args.steps, device, dtype, args.safety_checker, speed, args.resolution)
+        out.engine("engine", engine)
     if "equivalence" in sections:
-        checks = equivalence_phase(args, engine, inputs, references)
+        out.checks = equivalence_phase(args, engine, inputs, references)
+        out.write()
     if "engine" in sections:
-        rows += engine_phase(args, engine, inputs)
+        engine_phase(args, engine, inputs, "engine", out)
     if "levers" in sections:
         engine = None
         free()
-        rows += lever_sweep(args, models, inputs, device)
+        lever_sweep(args, models, inputs, device, out)
     if "ready" in sections:
         engine = None
         free()
-        rows += ready_rows(args, models, inputs)
+        for row in ready_rows(args, models, inputs):
+            out.add(row)
     if "server" in sections:
         if args.server_mode == "process":
             engine = None  # the child process loads its own; give the device memory back first
             free()
-        rows += server_rows(args, models, engine, inputs)
+        for row in server_rows(args, models, engine, inputs):
+            out.add(row)
+    return report(out)
 
-    return report(args, env, rate, floor, rows, checks, models, device)
 
-
-def report(
-    args: argparse.Namespace,
-    env: dict[str, Any],
-    rate: float,
-    floor: dict[str, Any],
-    rows: list[Row],
-    checks: list[dict[str, Any]],
-    models: ModelSet,
-    device: torch.device,
-) -> int:
-    """Print the table, write the JSON; the exit status (1 if the equivalence check failed)."""
-    # A CPU's matmul rate is no peak (tiny convolutions beat it), so the share would mean nothing there.
-    peak = rate if device.type == "cuda" else None
-    summaries = [r.summary(floor["tflop_per_image"][r.steps], peak) for r in rows]
-    passed = all(c["passed"] for c in checks) if checks else None
-    results = {
-        "benchmark": "scripts/bench.py",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": env,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("serve_child", "data_dir")},
-        "models": {"folder": str(models.root), "architecture": args.arch, "weights_seed": args.weights_seed},
-        "matmul": {
-            "dtype": args.engine_dtype,
-            "n": args.matmul_size,
-            "tflops": round(rate, 3),
-            "used": peak is not None,
-        },
-        "floor": {
-            k: {str(n): v for n, v in val.items()} if k.endswith("per_image") else val for k, val in floor.items()
-        },
-        "rows": summaries,
-        "equivalence": {
-            "ran": bool(checks),
-            "passed": passed,
-            "tolerances": {"latent_rel_l2": args.latent_tol, "pixel_rms": args.pixel_tol},
-            "engine_dtype": args.engine_dtype,
-            "naive_dtype": args.naive_dtype,
-            "checks": checks,
-        },
-    }
+def report(out: Results) -> int:
+    """Print the table (the JSON is written already); the exit status (1 if the equivalence check failed)."""
+    args, env = out.args, out.env
+    passed = out.passed()
     cuda = f" (CUDA {env['cuda']})" if env["cuda"] else ""
     print(
         f"{_where(env)}, torch {env['torch']}{cuda}, diffusers {env['diffusers']}: {args.arch} SDXL, random weights, "
         f"{args.width}x{args.height}, half-image mask; naive {args.naive_dtype}, engine {args.engine_dtype}"
     )
-    print(table(summaries))
-    if checks:
+    print(table(out.summaries()))
+    for e in out.engines:
+        print(
+            f"engine {e['label']} ({e['speed']}): load {e.get('load_s')} s, warm-up {e.get('warmup_s')} s, "
+            f"{e['dynamo_graphs']} dynamo graphs, {e['cuda_graphs']} CUDA graphs"
+        )
+    for note in out.notes:
+        print(f"{note['label']}: {note.get('error')}")
+    if out.checks:
         print(f"equivalence (engine vs naive, same weights and seed): {'passed' if passed else 'FAILED'}")
-    used = "" if peak is not None else "; floor share n/a: not on a GPU"
-    print(f"floor: {floor['source']}; matmul {rate:.2f} TFLOP/s ({args.engine_dtype}){used}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    used = "" if out.peak is not None else "; floor share n/a: not on a GPU"
+    print(f"floor: {out.floor['source']}; matmul {out.rate:.2f} TFLOP/s ({args.engine_dtype}){used}")
     print(f"wrote {args.json}")
     return 1 if passed is False else 0
 
@@ -447,9 +532,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the engine's levers: auto (the server's choice: all on CUDA, none on CPU), none, or some of "
         + ",".join(LEVERS),
     )
-    add("--steps", type=_ints, default=[1, 2, 4, 8], help="SDXL-Lightning step counts (default 1,2,4,8)")
-    add("--batch-sizes", type=_ints, default=[1, 2, 4, 8], help="engine batch sizes (default 1,2,4,8)")
-    add("--clients", type=_ints, default=[1, 4, 16, 64], help="concurrent HTTP clients (default 1,4,16,64)")
+    add(
+        "--compile-backend",
+        choices=("inductor", "eager"),
+        default="inductor",
+        help="torch.compile backend (default inductor; eager traces without code generation, for smoke tests)",
+    )
+    add("--steps", type=_ints, default=[1, 4], help="SDXL-Lightning step counts, of 1,2,4,8 (default 1,4)")
+    add("--batch-sizes", type=_ints, default=[1, 8], help="engine batch sizes, at most 8 (default 1,8)")
+    add("--clients", type=_ints, default=[1, 16, 64], help="concurrent HTTP clients (default 1,16,64)")
     add("--resolution", type=_resolution, help="N or WxH, multiples of 8 (default 1024; 64 with --tiny)")
     add("--iterations", type=int, help="timed calls per naive/engine row (" + per_mode("iterations") + ")")
     add("--warmup", type=int, help="untimed calls before each row (" + per_mode("warmup") + ")")
@@ -507,6 +598,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = sorted(set(args.steps) - set(ANCHOR_TFLOP_1024))
     if bad:
         parser.error(f"--steps: SDXL-Lightning offers 1, 2, 4 and 8 steps, not {bad}")
+    if max(args.batch_sizes) > 8:
+        parser.error("--batch-sizes: a GPU batch holds at most 8 image rows (larger ones run as several)")
     counts = (args.iterations, args.requests_per_client, args.server_requests, args.matmul_size, args.matmul_repeats)
     if min(counts) < 1 or args.warmup < 0:
         parser.error("--iterations, the request counts and the matmul settings must be >= 1, --warmup >= 0")

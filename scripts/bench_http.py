@@ -54,7 +54,7 @@ def free_port() -> int:
 def build_app(
     engine: Engine, models: ModelSet, steps: Sequence[int], data_dir: Path, port: int, max_batch: int
 ) -> FastAPI:
-    """The real server app around an already loaded engine (no auth, no warm-up: the bench warms up)."""
+    """The real server app around an already loaded and warmed engine (no auth; ``load_engine`` warmed it)."""
     from pipelines.specs import default_config_dir
     from server.app import create_app
     from server.settings import load_settings
@@ -311,8 +311,10 @@ def serve_child(args: argparse.Namespace) -> int:
     quiet_libraries()
     models = ModelSet(Path(args.models_dir))
     device = torch.device(args.device)
-    speed = speed_options(args.speed, device, compile_cache(models))
-    engine = load_engine(models, args.steps, device, DTYPES[args.engine_dtype], args.safety_checker, speed)
+    speed = speed_options(args.speed, device, compile_cache(models), args.compile_backend)
+    engine = load_engine(
+        models, args.steps, device, DTYPES[args.engine_dtype], args.safety_checker, speed, args.resolution
+    )
     app = build_app(engine, models, args.steps, Path(args.data_dir), args.serve_child, args.server_max_batch_size)
     uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.serve_child, log_level="warning")).run()
     return 0

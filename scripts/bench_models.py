@@ -297,18 +297,32 @@ def _write_json(path: Path, obj: Any) -> None:
 # -- loading ------------------------------------------------------------------------------------------
 
 
-LEVERS = ("fuse_qkv", "channels_last", "compile")
+# The levers of pipelines/optimize.py, in the order the lever sweep adds them (cuda_graphs needs compile).
+LEVERS = ("fuse_qkv", "channels_last", "compile", "cuda_graphs")
+# Levers that change what is computed or a backend choice: swept one at a time on top of "auto".
+OPTIONAL_LEVERS = ("cudnn_attention", "fp8")
 
 
-def speed_options(text: str, device: torch.device, cache_dir: Path | None) -> SpeedOptions:
-    """``--speed``: ``auto`` (what the server uses on this device), ``none``, or levers joined by commas."""
+def speed_options(text: str, device: torch.device, cache_dir: Path | None, backend: str = "inductor") -> SpeedOptions:
+    """``--speed``: ``auto`` (what the server uses on this device), ``none``, or levers joined by commas
+    (``LEVERS``, and ``cudnn_attention`` or ``fp8`` on top). ``backend`` is torch.compile's (``eager``
+    traces without generating code: the CPU smoke tests)."""
     if text == "auto":
-        return SpeedOptions.for_device(device, cache_dir=cache_dir)
+        return SpeedOptions.for_device(device, cache_dir=cache_dir, compile_backend=backend)
     chosen = set() if text == "none" else {part.strip() for part in text.split(",") if part.strip()}
-    unknown = chosen - set(LEVERS)
+    unknown = chosen - set(LEVERS) - set(OPTIONAL_LEVERS)
     if unknown:
-        raise ValueError(f"--speed: unknown lever(s) {sorted(unknown)}; use auto, none or {','.join(LEVERS)}")
-    return SpeedOptions(**{lever: lever in chosen for lever in LEVERS}, cache_dir=cache_dir)
+        known = ",".join(LEVERS + OPTIONAL_LEVERS)
+        raise ValueError(f"--speed: unknown lever(s) {sorted(unknown)}; use auto, none or {known}")
+    if "cuda_graphs" in chosen and "compile" not in chosen:
+        raise ValueError("--speed: cuda_graphs needs compile")
+    return SpeedOptions(
+        **{lever: lever in chosen for lever in LEVERS},
+        attention="cudnn" if "cudnn_attention" in chosen else "auto",
+        fp8="fp8" in chosen,
+        cache_dir=cache_dir,
+        compile_backend=backend,
+    )
 
 
 def compile_cache(models: ModelSet) -> Path:
@@ -317,8 +331,10 @@ def compile_cache(models: ModelSet) -> Path:
 
 
 def speed_label(options: SpeedOptions) -> str:
-    """``fuse_qkv+channels_last+compile``, or ``none``."""
-    return "+".join(lever for lever in LEVERS if getattr(options, lever)) or "none"
+    """``fuse_qkv+channels_last+compile+cuda_graphs``, or ``none``."""
+    chosen = [lever for lever in LEVERS if getattr(options, lever)]
+    chosen += ["cudnn_attention"] * (options.attention == "cudnn") + ["fp8"] * options.fp8
+    return "+".join(chosen) or "none"
 
 
 def load_engine(
@@ -328,13 +344,19 @@ def load_engine(
     dtype: torch.dtype,
     safety_checker: bool,
     speed: SpeedOptions | None = None,
+    warm_size: tuple[int, int] | None = None,
 ) -> Engine:
-    """The engine through its normal loader: the served configs with ``--model-path`` overrides."""
+    """The engine through its normal loader (the served configs with ``--model-path`` overrides), warmed
+    as the server warms it before ready when it compiles: every variant and batch bucket at ``warm_size``
+    (compiling the shared graphs and recording the CUDA graphs), then sealed. ``engine.bench_times`` holds
+    the seconds the load and that warm-up took."""
     from pipelines.hub import Resolver
     from pipelines.specs import load_serving_spec
+    from pipelines.warmup import run_units
 
     spec = load_serving_spec(None, models.overrides(steps))
-    return Engine.load(
+    started = time.perf_counter()
+    engine = Engine.load(
         spec,
         device=device,
         dtype=dtype,
@@ -344,6 +366,18 @@ def load_engine(
         prompt_expansion=False,
         speed=speed,
     )
+    loaded = time.perf_counter()
+    if engine.speed.compile and warm_size is not None:
+        run_units(engine, engine.warmup_plan([warm_size], warm_size).ready, "bench")
+        engine.seal_compiled_shapes()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    engine.bench_times = {"load_s": round(loaded - started, 2), "warmup_s": round(time.perf_counter() - loaded, 2)}
+    log(
+        f"engine {speed_label(engine.speed)}: loaded in {loaded - started:.1f} s, warmed in "
+        f"{engine.bench_times['warmup_s']:.1f} s ({len(engine.graphs)} CUDA graphs)"
+    )
+    return engine
 
 
 def load_naive(models: ModelSet, device: torch.device, dtype: torch.dtype) -> StableDiffusionXLInpaintPipeline:

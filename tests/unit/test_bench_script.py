@@ -41,7 +41,7 @@ def test_tiny_run_measures_every_row_and_passes_the_equivalence_check(
     command += ["--json", str(out), "--steps", ",".join(map(str, STEPS)), "--resolution", "64x48"]
     command += ["--batch-sizes", ",".join(map(str, BATCHES)), "--clients", ",".join(map(str, CLIENTS))]
     command += ["--iterations", "1", "--warmup", "0", "--requests-per-client", "1", "--server-requests", "1"]
-    command += ["--matmul-size", "256"]
+    command += ["--matmul-size", "256", "--sections", "naive,eager,engine,server,equivalence"]
     # One torch thread per process (the script and its server child), as tests/live.py does for servers:
     # on a small machine shared with other work, more threads slow everything down many times over.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -51,7 +51,7 @@ def test_tiny_run_measures_every_row_and_passes_the_equivalence_check(
 
     report = json.loads(out.read_text())
     wanted = {("naive", n, 1, None) for n in STEPS}
-    wanted |= {("engine", n, b, None) for n in STEPS for b in BATCHES}
+    wanted |= {(section, n, b, None) for section in ("eager", "engine") for n in STEPS for b in BATCHES}
     wanted |= {("server", n, 1, c) for n in STEPS for c in CLIENTS}
     rows = {(r["section"], r["steps"], r["batch"], r["clients"]): r for r in report["rows"]}
     assert set(rows) == wanted and len(report["rows"]) == len(wanted)
@@ -69,6 +69,9 @@ def test_tiny_run_measures_every_row_and_passes_the_equivalence_check(
     assert [c["steps"] for c in equivalence["checks"]] == list(STEPS)
     assert all(c["passed"] and c["within_tolerance"] and c["tolerance_discriminates"] for c in equivalence["checks"])
 
+    assert [e["label"] for e in report["engines"]] == ["eager", "engine"]
+    assert all(e["load_s"] > 0 and e["warmup_s"] >= 0 for e in report["engines"])
+
     server_rows = [r for r in report["rows"] if r["section"] == "server"]
     assert all(r["status_reads_per_request"] >= 1 and "inference" in r["server_timings_mean_ms"] for r in server_rows)
     # Tiny models at 48x64: the floor is counted from the models, not taken from perf-anchors.md.
@@ -80,12 +83,14 @@ def test_tiny_run_measures_every_row_and_passes_the_equivalence_check(
 
 
 def test_lever_sweep_and_ready_sections(tiny_models: bench_models.ModelSet, tmp_path: Path) -> None:
-    """``levers``: one engine row set per cumulative lever set (compile included: Inductor on CPU);
+    """``levers``: one engine row set per cumulative lever set (compile included: Inductor on CPU; no CUDA
+    graphs nor cuDNN/FP8 rows without CUDA);
     ``ready``: the real ``serve`` started twice, time to ready and the first request vs the steady state."""
     out = tmp_path / "bench.json"
     command = [sys.executable, "scripts/bench.py", "--tiny", "--device", "cpu", "--models-dir", str(tiny_models.root)]
     command += ["--json", str(out), "--steps", "1", "--resolution", "64x48", "--sections", "levers,ready"]
     command += ["--batch-sizes", "1", "--iterations", "2", "--warmup", "1", "--matmul-size", "256"]
+    command += ["--compile-backend", "eager"]  # the sweep's logic; Inductor's C++ on this CPU would take minutes
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
@@ -107,21 +112,50 @@ def test_lever_sweep_and_ready_sections(tiny_models: bench_models.ModelSet, tmp_
 @pytest.mark.parametrize(
     ("text", "levers"),
     [
-        ("none", (False, False, False)),
-        ("fuse_qkv", (True, False, False)),
-        ("compile, fuse_qkv", (True, False, True)),
-        ("fuse_qkv,channels_last,compile", (True, True, True)),
+        ("none", (False, False, False, False)),
+        ("fuse_qkv", (True, False, False, False)),
+        ("compile, fuse_qkv", (True, False, True, False)),
+        ("fuse_qkv,channels_last,compile", (True, True, True, False)),
+        ("fuse_qkv,channels_last,compile,cuda_graphs", (True, True, True, True)),
     ],
 )
-def test_speed_option_parsing(text: str, levers: tuple[bool, bool, bool]) -> None:
+def test_speed_option_parsing(text: str, levers: tuple[bool, bool, bool, bool]) -> None:
     options = bench_models.speed_options(text, CPU, None)
-    assert (options.fuse_qkv, options.channels_last, options.compile) == levers
+    assert (options.fuse_qkv, options.channels_last, options.compile, options.cuda_graphs) == levers
     assert bench_models.speed_options("auto", CPU, None) == bench_models.speed_options("none", CPU, None)
+    extra = bench_models.speed_options("compile,cudnn_attention,fp8", CPU, None)
+    assert extra.attention == "cudnn" and extra.fp8 and bench_models.speed_label(extra) == "compile+cudnn_attention+fp8"
 
 
-def test_unknown_lever_is_refused() -> None:
+def test_unknown_or_impossible_levers_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown lever"):
         bench_models.speed_options("fuse_qkv,turbo", CPU, None)
+    with pytest.raises(ValueError, match="cuda_graphs needs compile"):
+        bench_models.speed_options("cuda_graphs", CPU, None)
+
+
+def test_lever_sets_add_one_lever_at_a_time() -> None:
+    import bench
+
+    assert bench.lever_sets(CPU) == ["none", "fuse_qkv", "fuse_qkv,channels_last", "fuse_qkv,channels_last,compile"]
+    cuda = bench.lever_sets(torch.device("cuda"))
+    assert cuda[-3:] == [
+        "fuse_qkv,channels_last,compile,cuda_graphs",
+        "fuse_qkv,channels_last,compile,cuda_graphs,cudnn_attention",
+        "fuse_qkv,channels_last,compile,cuda_graphs,fp8",
+    ]
+
+
+def test_the_default_run_is_sized_for_ten_minutes_on_one_gpu() -> None:
+    """Issue 10 §7: the defaults are naive, eager and compiled rows side by side plus the check, for 1 and 4
+    steps at batch 1 and 8; the slow sections (server, levers, ready) are asked for by name."""
+    import bench
+
+    args = bench.parse_args([])
+    assert args.sections == ["naive", "eager", "engine", "equivalence"]
+    assert args.steps == [1, 4] and args.batch_sizes == [1, 8]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--batch-sizes", "16"])
 
 
 @pytest.fixture(scope="module")
