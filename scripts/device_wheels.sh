@@ -21,4 +21,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     pydantic==2.14.3 pydantic-core==2.50.4 pydantic-settings==2.16.3 python-dotenv==1.2.4 \
     annotated-types==0.8.0 typing-inspection==0.4.5 importlib_metadata==10.2.0 \
     cryptography==50.0.2 cffi==2.1.1 pycparser==3.12
+# torchao for the FP8 lever (cp310-abi3: one wheel for every CPython >= 3.10), 3.4 MB.
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d "$dest" torchao==0.18.0
 du -sh "$dest"
