@@ -133,15 +133,26 @@ class TcdStep(NamedTuple):
 
 
 @dataclass(frozen=True)
-class TcdSampler(Sampler):
-    """``TCDScheduler.step`` (``eta`` is its gamma: 0 is deterministic, DDIM-like; 1 is fully stochastic)."""
+class _DdpmSampler(Sampler):
+    """TCD and LCM: no input scaling, ``init_noise_sigma`` 1, and DDPM's ``add_noise``."""
 
     noise_scales: tuple[tuple[float, float], ...]  # per timestep: (sqrt(a_t), sqrt(1 - a_t)) in the latents' dtype
-    eta: float
-    coefficients: tuple[TcdStep, ...]
 
     def start(self, image_latents: torch.Tensor, noise: torch.Tensor, full_strength: bool) -> torch.Tensor:
         return noise * 1.0 if full_strength else _ddpm_noised(self.noise_scales[0], image_latents, noise)
+
+    def renoise(self, image_latents: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        if i == self.steps - 1:
+            return image_latents
+        return _ddpm_noised(self.noise_scales[i + 1], image_latents, noise)
+
+
+@dataclass(frozen=True)
+class TcdSampler(_DdpmSampler):
+    """``TCDScheduler.step`` (``eta`` is its gamma: 0 is deterministic, DDIM-like; 1 is fully stochastic)."""
+
+    eta: float
+    coefficients: tuple[TcdStep, ...]
 
     def step(
         self, model_output: torch.Tensor, latents: torch.Tensor, i: int, generators: list[torch.Generator]
@@ -163,11 +174,6 @@ class TcdSampler(Sampler):
             return c.keep * noised + c.fresh * fresh
         return noised
 
-    def renoise(self, image_latents: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        if i == self.steps - 1:
-            return image_latents
-        return _ddpm_noised(self.noise_scales[i + 1], image_latents, noise)
-
 
 class LcmStep(NamedTuple):
     sqrt_a_t: float
@@ -179,15 +185,11 @@ class LcmStep(NamedTuple):
 
 
 @dataclass(frozen=True)
-class LcmSampler(Sampler):
+class LcmSampler(_DdpmSampler):
     """``LCMScheduler.step``: the consistency boundary condition (Hyper-SDXL 1-step runs it at t=800)."""
 
-    noise_scales: tuple[tuple[float, float], ...]
     coefficients: tuple[LcmStep, ...]
     clip_range: float | None  # clip_sample's range, or None
-
-    def start(self, image_latents: torch.Tensor, noise: torch.Tensor, full_strength: bool) -> torch.Tensor:
-        return noise * 1.0 if full_strength else _ddpm_noised(self.noise_scales[0], image_latents, noise)
 
     def step(
         self, model_output: torch.Tensor, latents: torch.Tensor, i: int, generators: list[torch.Generator]
@@ -206,11 +208,6 @@ class LcmSampler(Sampler):
             return denoised
         fresh = randn_tensor(model_output.shape, generator=generators, device=model_output.device, dtype=denoised.dtype)
         return c.sqrt_a_prev * denoised + c.sqrt_b_prev * fresh
-
-    def renoise(self, image_latents: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        if i == self.steps - 1:
-            return image_latents
-        return _ddpm_noised(self.noise_scales[i + 1], image_latents, noise)
 
 
 # ---------------------------------------------------------------------------------------------- building

@@ -198,16 +198,15 @@ def test_queued_compatible_requests_share_one_engine_run(make_server, engine, re
 
 
 class SlowPrepare(GatedEngine):
-    """The gated engine, but preparing a request with seed ``slow_seed`` takes ``delay`` seconds (a slow
-    image host, as far as the GPU lane can tell)."""
+    """The gated engine, but preparing a request takes ``delays[seed]`` seconds (a slow image host, as far
+    as the GPU lane can tell)."""
 
-    def __init__(self, engine: Any, slow_seed: int, delay: float) -> None:
+    def __init__(self, engine: Any, delays: dict[int, float]) -> None:
         super().__init__(engine)
-        self.slow_seed, self.delay = slow_seed, delay
+        self.delays = delays
 
     def prepare(self, request: Any) -> Any:
-        if request.seed == self.slow_seed:
-            time.sleep(self.delay)
+        time.sleep(self.delays.get(request.seed, 0.0))
         return self.engine.prepare(request)
 
 
@@ -228,7 +227,9 @@ def test_a_request_waits_batch_window_ms_for_batch_mates_still_being_prepared(ma
     """A request ready to run waits up to batch_window_ms while a queued request behind it is still being
     fetched and decoded, and they share the batch; with a window of 0 they run apart."""
     for window, together in ((1000.0, True), (0.0, False)):
-        gate = SlowPrepare(engine, slow_seed=2, delay=0.3)
+        # The first is ready 0.5 s after its submit, the second 0.5 s later: it is queued and still being
+        # prepared when the first is ready, however slowly the test machine answers the second submit.
+        gate = SlowPrepare(engine, {1: 0.5, 2: 1.0})
         request.addfinalizer(gate.release.set)
         server = make_server(engine_override=gate, max_batch_size=4, batch_window_ms=window)
         waits = _fill_spy(server)
@@ -272,15 +273,7 @@ def test_batches_hold_at_most_eight_image_rows(make_server, engine, request) -> 
 def test_a_full_batch_does_not_wait_for_the_window(make_server, engine, request) -> None:
     """The window only applies while the batch has room: a full batch starts without waiting."""
     server, gate = gated_server(make_server, engine, request, max_batch_size=1, batch_window_ms=1000.0)
-    worker = server.app.state.service.worker
-    waits: list[str] = []
-    fill = worker._fill
-
-    async def spy(engine, head, prep, batch):
-        waits.append(head.id)
-        return await fill(engine, head, prep, batch)
-
-    worker._fill = spy
+    waits = _fill_spy(server)
     with client_for(server) as client:
         rid = submit(client, seed=1)["request_id"]
         assert "error" not in wait_for(client, LIGHTNING, rid)

@@ -185,8 +185,9 @@ def test_watchdog_marks_the_server_not_ready_and_leaves_the_job_for_the_restart(
     hang = Blocker("stuck")
     faults([], hang)
     data = tmp_path / "data"
-    # No batch window: the job submitted next must stay queued behind the hung batch, not join it.
-    server, exits = serve(data, step_timeout_s=0.5, gpu_fault_exit_delay_s=0, batch_window_ms=0)
+    # One job per batch: the job submitted next must stay queued behind the hung batch, not join it (with
+    # batches of several it joins whenever its inputs are decoded before the first job starts).
+    server, exits = serve(data, step_timeout_s=0.5, gpu_fault_exit_delay_s=0, batch_window_ms=0, max_batch_size=1)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         stuck = submit(client, prompt="stuck", seed=8)
         queued = submit(client, seed=9)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.engine import Engine
 from pipelines.optimize import SpeedOptions
 from pipelines.types import InpaintRequest
 from pipelines.warmup import WarmUnit, run_unit
@@ -21,18 +20,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 LIGHTNING, HYPER = "fal-ai/fast-lightning-sdxl/inpainting", "fal-ai/hyper-sdxl/inpainting"
 VARIANTS = [(LIGHTNING, 4), (HYPER, 4)]
-
-
-def _load(spec: Any, resolver: Any, speed: SpeedOptions) -> Engine:
-    return Engine.load(
-        spec,
-        device="cuda",
-        resolver=resolver,
-        variants=VARIANTS,
-        safety_checker=False,
-        prompt_expansion=False,
-        speed=speed,
-    )
 
 
 def _request(app: str, seed: int) -> InpaintRequest:
@@ -54,8 +41,8 @@ def _pixels(result: Any) -> np.ndarray:
     return np.asarray(result.images[0]).astype(int)
 
 
-def test_replayed_graphs_give_the_eager_engines_images(spec, resolver, tmp_path) -> None:
-    graphed = _load(spec, resolver, SpeedOptions.for_device("cuda", cache_dir=tmp_path / "cache"))
+def test_replayed_graphs_give_the_eager_engines_images(cuda_engine_for, tmp_path) -> None:
+    graphed = cuda_engine_for(VARIANTS, SpeedOptions.for_device("cuda", cache_dir=tmp_path / "cache"))
     for app, steps in VARIANTS:
         run_unit(graphed, WarmUnit(app, steps, (128, 128), 1))
     assert len(graphed.graphs) == 2
@@ -64,6 +51,6 @@ def test_replayed_graphs_give_the_eager_engines_images(spec, resolver, tmp_path)
     assert graphed.graphs.replays == before + 8  # 4 steps x 2 variants, all replayed
     again = _pixels(graphed.run([_request(LIGHTNING, 7)])[0])  # after the other variant's replays
     assert np.array_equal(again, ours[LIGHTNING])
-    eager = _load(spec, resolver, SpeedOptions.for_device("cuda", compile=False))
+    eager = cuda_engine_for(VARIANTS, SpeedOptions.for_device("cuda", compile=False))
     for app, _ in VARIANTS:
         assert np.abs(_pixels(eager.run([_request(app, 7)])[0]) - ours[app]).max() <= 3

@@ -24,18 +24,6 @@ LIGHTNING, HYPER = "fal-ai/fast-lightning-sdxl/inpainting", "fal-ai/hyper-sdxl/i
 VARIANTS = [(LIGHTNING, 4), (HYPER, 1), (HYPER, 2)]  # Euler, LCM, TCD
 
 
-def _engine(spec: Any, resolver: Any, speed: SpeedOptions) -> Engine:
-    return Engine.load(
-        spec,
-        device="cuda",
-        resolver=resolver,
-        variants=VARIANTS,
-        safety_checker=False,
-        prompt_expansion=False,
-        speed=speed,
-    )
-
-
 def _request(app: str, steps: int, seed: int) -> InpaintRequest:
     return InpaintRequest(
         app_id=app,
@@ -73,9 +61,9 @@ def _strict_denoise(engine: Engine) -> list[Any]:
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_the_denoising_loop_never_syncs(spec, resolver, tmp_path, compiled: bool) -> None:
+def test_the_denoising_loop_never_syncs(cuda_engine_for, tmp_path, compiled: bool) -> None:
     speed = SpeedOptions.for_device("cuda", compile=compiled, cache_dir=tmp_path / "cache")
-    engine = _engine(spec, resolver, speed)
+    engine = cuda_engine_for(VARIANTS, speed)
     if compiled:
         for app, steps in VARIANTS:
             for rows in (1, 2, 4):
