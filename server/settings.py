@@ -118,7 +118,7 @@ class Settings(BaseSettings):
         ge=0,
         le=1000,
         description="How long a request ready to run waits for batch-mates (same app, steps and size) when its "
-        "batch is not full; 0: never wait.",
+        "batch is not full and another queued request's inputs are still being fetched or decoded; 0: never wait.",
     )
     result_retention_s: float = Field(
         7 * 24 * 3600, gt=0, description="Completed requests and their files are deleted this long after completion."
