@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import secrets
@@ -41,7 +42,6 @@ from .schedules import make_scheduler, timesteps_for
 from .specs import AppSpec, ServingSpec, VariantSpec
 from .tensors import RequestTensors
 from .types import InpaintRequest, InpaintResult
-from .warmup import WarmupPlan, plan_warmup
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ class Engine:
         # Whole-UNet CUDA graphs per (UNet, batch shape), recorded by the warm-up (pipelines/graphs.py).
         self.graphs = UNetGraphs.for_device(store.device, self.speed.cuda_graphs)
         self._callers: dict[int, UNetCall] = {}
+        # Strengths are arbitrary floats: the distinct schedules are bounded, not few.
+        self._samplers = functools.lru_cache(maxsize=256)(self._build_sampler)
         self._sealed = False  # after the warm-up: runs never compile (seal_compiled_shapes)
         self._warming = False
         # prepare() (any thread) reads the tokenizers' vocabularies while run() may be adding an
@@ -208,10 +210,6 @@ class Engine:
         finally:
             self._warming = False
 
-    def warmup_plan(self, sizes: list[tuple[int, int]], default_size: tuple[int, int] | None = None) -> WarmupPlan:
-        """What to run before ready and after (see :mod:`pipelines.warmup`)."""
-        return plan_warmup(self, sizes, default_size)
-
     def _unet_call(self, pipe: FewStepInpaintPipeline) -> UNetCall | None:
         """The denoising loop's UNet call: through recorded CUDA graphs when they are on, else direct."""
         if not self.graphs.enabled:
@@ -296,8 +294,13 @@ class Engine:
         return prepared
 
     def _sampler(self, variant: VariantSpec, timesteps: list[int]) -> Sampler:
+        """The batch's sampler; built once per (variant, timesteps) (~1 ms of scheduler set-up each time
+        otherwise, with the GIL held against the GPU thread), and immutable, so shared by every request."""
+        return self._samplers(variant, tuple(timesteps))
+
+    def _build_sampler(self, variant: VariantSpec, timesteps: tuple[int, ...]) -> Sampler:
         scheduler = make_scheduler(variant, self.store.scheduler_config(variant.base))
-        return build_sampler(scheduler, timesteps, self.store.dtype, variant.eta)
+        return build_sampler(scheduler, list(timesteps), self.store.dtype, variant.eta)
 
     def _truncated(self, variant: VariantSpec, prompt: str) -> str | None:
         with self._vocab_lock:  # the vocabulary may be growing (a textual inversion on the GPU thread)

@@ -157,22 +157,25 @@ class UNetGraphs:
             key = (id(unet), shape)
             graph = self._graphs.get(key)
             if graph is None and self.recording and self.backend is not None and key not in self._failed:
-                graph = self._record(key, shape, forward, sample, embeds, pooled, time_ids)
+                graph = self._record(key, shape, forward, sample, timestep, embeds, pooled, time_ids)
+            elif graph is not None:
+                self._static[shape].fill(sample, timestep, embeds, pooled, time_ids)
             if graph is None:
                 return direct(sample, timestep, embeds, pooled, time_ids)
             replay, output = graph
-            self._static[shape].fill(sample, timestep, embeds, pooled, time_ids)
             replay()
             self.replays += 1
             return output.clone()  # before any other graph can overwrite the shared pool
 
         return call
 
-    def _record(self, key, shape, forward: UNetForward, sample, embeds, pooled, time_ids):
+    def _record(self, key, shape, forward: UNetForward, sample, timestep: float, embeds, pooled, time_ids):
+        """Record ``forward`` on the shape's static inputs, filled with this call's values (the recording's
+        warm-up runs see real numbers, and the replay that follows needs no second fill)."""
         static = self._static.get(shape)
         if static is None:
             static = self._static[shape] = _Static.like(sample, embeds, pooled, time_ids)
-        static.fill(sample, 0.0, embeds, pooled, time_ids)  # real values: the warm-up runs see real numbers
+        static.fill(sample, timestep, embeds, pooled, time_ids)
         assert self.backend is not None
         try:
             graph = self.backend.record(

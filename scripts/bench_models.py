@@ -352,7 +352,7 @@ def load_engine(
     the seconds the load and that warm-up took."""
     from pipelines.hub import Resolver
     from pipelines.specs import load_serving_spec
-    from pipelines.warmup import run_units
+    from pipelines.warmup import plan_warmup, run_units
 
     spec = load_serving_spec(None, models.overrides(steps))
     started = time.perf_counter()
@@ -368,7 +368,7 @@ def load_engine(
     )
     loaded = time.perf_counter()
     if engine.speed.compile and warm_size is not None:
-        run_units(engine, engine.warmup_plan([warm_size], warm_size).ready, "bench")
+        run_units(engine, plan_warmup(engine, [warm_size], warm_size).ready, "bench")
         engine.seal_compiled_shapes()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -299,12 +299,12 @@ def loop_syncs(engine, app: str, steps: int, seed: int) -> dict:
 
 def warm(engine) -> float:
     """The warm-up the server runs before ready (every variant x bucket at the size); wall seconds."""
-    from pipelines.warmup import run_units
+    from pipelines.warmup import plan_warmup, run_units
 
     sync()
     t = time.perf_counter()
     size = (ARGS.size, ARGS.size)
-    run_units(engine, engine.warmup_plan([size], size).ready, "probe")
+    run_units(engine, plan_warmup(engine, [size], size).ready, "probe")
     engine.seal_compiled_shapes()
     sync()
     return round(time.perf_counter() - t, 1)

@@ -134,7 +134,4 @@ def warmup_plan(engine: Any, sizes: list[tuple[int, int]] | None = None) -> Any:
     if sizes is None:
         device = getattr(engine, "device", None)
         sizes = sorted(set(PRESETS.values())) if getattr(device, "type", None) == "cuda" else []
-    planner = getattr(engine, "warmup_plan", None)
-    if planner is not None:
-        return planner(sizes, PRESETS[DEFAULT_SIZE])
     return plan_warmup(engine, sizes, PRESETS[DEFAULT_SIZE])

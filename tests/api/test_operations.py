@@ -334,7 +334,6 @@ def test_a_compiled_engine_warms_the_default_size_before_ready_and_the_others_af
 def test_other_sizes_warm_in_the_background_after_ready(engine, tmp_path: Path) -> None:
     """Issue 10 §2: /health/ready is 200 once the default size is warm, and says how many background runs
     are left while the other sizes warm on the GPU thread; a request is served in between."""
-    from pipelines.warmup import plan_warmup
 
     class Compiled:
         """The real engine, planned as a compiled one; the background runs wait at the gate."""
@@ -347,9 +346,6 @@ def test_other_sizes_warm_in_the_background_after_ready(engine, tmp_path: Path) 
 
         def __getattr__(self, name: str) -> Any:
             return getattr(engine, name)
-
-        def warmup_plan(self, sizes, default_size):
-            return plan_warmup(self, sizes, default_size)
 
         def run(self, requests, should_stop=None, on_progress=None):
             first = getattr(requests[0], "request", requests[0])  # the worker passes prepared requests

@@ -23,7 +23,7 @@ def main() -> None:
     from pipelines.hub import Resolver
     from pipelines.optimize import SpeedOptions
     from pipelines.specs import load_serving_spec
-    from pipelines.warmup import run_units
+    from pipelines.warmup import plan_warmup, run_units
 
     spec = load_serving_spec()
     variants = sorted((app.app_id, n) for app in spec.apps.values() for n in app.steps)[:n_variants]
@@ -37,7 +37,7 @@ def main() -> None:
         speed=speed,
     )
     served = [tuple(int(v) for v in size.split("x")) for size in sizes.split(",")]
-    plan = engine.warmup_plan(served, served[0])
+    plan = plan_warmup(engine, served, served[0])
     run_units(engine, plan.ready + plan.later, "probe")
     blocks = {
         (m.norm1.normalized_shape, m.attn1.heads, m.attn2.heads if m.attn2 else None)

@@ -161,3 +161,25 @@ def test_unsupported_scheduler_options_are_refused_at_build_time(base_config) ->
     tcd = next(v for v in VARIANTS if v.scheduler_class == "TCDScheduler")
     with pytest.raises(ConfigError, match="eta"):
         build_sampler(make_scheduler(tcd, base_config), [999, 499], torch.float32, eta=1.5)
+
+
+def test_the_engine_builds_each_schedule_once(engine) -> None:
+    """Requests with the same variant and timesteps share one (immutable) sampler; another strength gets its own."""
+    from pipelines.types import InpaintRequest
+    from tests.helpers import box_mask, noise_image
+
+    def prepared(strength: float):
+        request = InpaintRequest(
+            app_id="fal-ai/fast-lightning-sdxl/inpainting",
+            image=noise_image(),
+            mask=box_mask(),
+            prompt="x",
+            steps=4,
+            strength=strength,
+            image_size=(64, 48),
+        )
+        return engine.prepare(request)
+
+    a, b, c = prepared(0.9), prepared(0.9), prepared(0.7)
+    assert a.sampler is b.sampler and a.sampler is not c.sampler
+    assert c.sampler.timesteps == tuple(float(t) for t in c.timesteps)
