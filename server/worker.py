@@ -102,14 +102,13 @@ class GpuWorker:
     async def run(self) -> None:
         """The worker loop (the ``gpu-worker`` task); runs until cancelled or the process exits."""
         engine = await self.host.wait_ready()
-        if engine is not None:
-            self.max_rows = int(getattr(engine, "max_batch_rows", self.max_rows))
         if engine is None:  # the models did not load: say so to every waiting request, now and later
             while True:
                 for job_id in self.queue.head(len(self.queue)):
                     self.jobs.fail_queued(self.active[job_id], "engine_unavailable", self.jobs.unavailable_message())
                 self._queue_changed.clear()
                 await self._queue_changed.wait()
+        self.max_rows = int(getattr(engine, "max_batch_rows", self.max_rows))
         while True:
             try:
                 await self._run_next(engine)
