@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--app", action="append", default=None, help="only this app (repeatable; default: all)")
 
     _add_serve(sub)
+    _add_health(sub)
 
     mdl = sub.add_parser("models", help="model utilities")
     msub = mdl.add_subparsers(dest="models_command", required=True, parser_class=OneLineParser)
@@ -159,6 +160,44 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="torch.compile the UNet and VAE (default auto: on with CUDA)",
     )
     srv.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def _add_health(sub: argparse._SubParsersAction) -> None:
+    hc = sub.add_parser(
+        "health",
+        help="ask a running server on this host whether it is live (or --ready); exit 0 if so, else 1 with why",
+        description="The container's HEALTHCHECK, and a wait-until-ready for scripts. The URL comes from the "
+        "same settings as serve (INPAINT_PORT, INPAINT_TLS_CERT, INPAINT_CONFIG...) unless --url is given.",
+    )
+    hc.add_argument("--ready", action="store_true", help="check /health/ready (models loaded and warm), not live")
+    hc.add_argument("--url", help="the server's base URL (default: loopback, port and scheme from the settings)")
+    hc.add_argument(
+        "--wait", type=_float, default=0.0, metavar="SECONDS", help="keep asking this long, printing each new reason"
+    )
+    hc.add_argument("--timeout", type=_float, default=3.0, metavar="SECONDS", help="per request (default 3)")
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from .healthcheck import LIVE, READY, local_url, wait
+    from .settings import SettingsError, load_settings
+
+    url = args.url
+    if url is None:
+        try:
+            url = local_url(load_settings())
+        except SettingsError as exc:
+            _fail(str(exc), 2)
+    path = READY if args.ready else LIVE
+
+    def report(message: str) -> None:
+        print(f"{PROG}: not {'ready' if args.ready else 'live'} yet: {message}", file=sys.stderr, flush=True)
+
+    answer = wait(url, path, timeout=args.timeout, wait_s=args.wait, report=report)
+    if not answer.ok:
+        print(f"{PROG}: {url}{path}: {answer.message}", file=sys.stderr)
+        return 1
+    print(answer.message)
+    return 0
 
 
 def _compile_flag(text: str) -> bool | None:
@@ -356,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     global _result_stream
     args = build_parser().parse_args(argv)
     _result_stream = sys.stdout
+    if args.command == "health":  # runs every few seconds beside the server: no logging set-up, no torch
+        return cmd_health(args)
     _setup_logging(getattr(args, "verbose", False))
     from pipelines.errors import ConfigError, EngineError, InputError, ModelFileError
 

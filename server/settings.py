@@ -1,7 +1,8 @@
 """Server settings: one pydantic-settings class.
 
 Every field can be set on the command line (``inpaint-server serve --help``), as an ``INPAINT_*``
-environment variable, or in a TOML config file (``--config FILE`` or ``INPAINT_CONFIG``); that is
+environment variable, as a file in ``INPAINT_SECRETS_DIR`` named after the variable (Docker and
+Kubernetes secrets), or in a TOML config file (``--config FILE`` or ``INPAINT_CONFIG``); that is
 also the order of precedence. A bad value fails at start with a message that names the setting.
 """
 
@@ -17,6 +18,7 @@ from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
@@ -24,6 +26,9 @@ from pydantic_settings import (
 from .fetch import parse_allow_entry
 
 ENV_PREFIX = "INPAINT_"
+# A folder of files named after the variables (inpaint_api_keys, ...), each holding one setting's value: how
+# Docker and Kubernetes secrets arrive (/run/secrets in the image). Read after the environment, before the file.
+SECRETS_DIR_ENV = "INPAINT_SECRETS_DIR"
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
 
 
@@ -304,6 +309,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        secrets_dir = os.environ.get(SECRETS_DIR_ENV)
+        if secrets_dir and Path(secrets_dir).is_dir():
+            sources.append(SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir))
         config = _config_file.get()
         if config is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config))

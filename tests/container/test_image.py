@@ -1,0 +1,284 @@
+"""The image, built and run for real: the README's container commands with podman, the CPU base and
+``--models tiny`` in place of the GPU (the quick start's two commands: download into the volume, run).
+
+One module, run in order on one xdist worker: the image is built once, then containers come and go
+on the same two named volumes, the way an operator's restarts and deploys do.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import fal_client
+import httpx
+import pytest
+
+from tests.container.conftest import BUILD_TIMES, MAX_IMAGE_BYTES
+from tests.container.podman import Podman
+from tests.helpers import box_mask, noise_image, png
+from tests.live import free_port
+
+pytestmark = pytest.mark.xdist_group("container")
+
+LIGHTNING = "fal-ai/fast-lightning-sdxl/inpainting"
+KEY = "container-test-key"
+UID = 10001
+# The README's run line, less the GPU: the volumes, the secrets folder, the stop timeout, the port.
+VOLUMES = ("-v", "inpaint-data:/data", "-v", "inpaint-models:/models")
+STOP_TIMEOUT_S = 45
+RERUN = "Interrupted by a server restart"  # the job log line of a request run again after a crash
+
+
+def _data_uri(content: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(content).decode()
+
+
+IMAGE_URI = _data_uri(png(noise_image(64, 48)))
+MASK_URI = _data_uri(png(box_mask(64, 48)))
+
+
+def _arguments(seed: int, prompt: str = "a red balloon") -> dict:
+    return {
+        "image_url": IMAGE_URI,
+        "mask_url": MASK_URI,
+        "prompt": prompt,
+        "seed": seed,
+        "image_size": {"width": 64, "height": 48},
+        "num_inference_steps": "2",
+    }
+
+
+class Container:
+    """One ``podman run -d`` of the image, reached through a published port (slirp4netns, no iptables)."""
+
+    def __init__(self, podman: Podman, image: str, secrets: Path, name: str, env: dict[str, str] | None = None):
+        self.podman, self.name = podman, name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env_args = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
+        podman(
+            "run", "-d", "--name", name,
+            "--network", "slirp4netns", "-p", f"127.0.0.1:{self.port}:8000",
+            "--stop-timeout", str(STOP_TIMEOUT_S),
+            *VOLUMES, "-v", f"{secrets}:/run/secrets:ro",
+            *env_args,
+            image, "serve", "--models", "tiny",
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        """The README's readiness wait, inside the container: ``inpaint-server health --ready --wait``."""
+        proc = self.podman(
+            "exec", self.name, "inpaint-server", "health", "--ready", "--wait", str(timeout),
+            check=False, timeout=timeout + 30,
+        )  # fmt: skip
+        assert proc.returncode == 0, f"{proc.stderr}\n{self.logs()}"
+        assert json.loads(proc.stdout)["status"] == "ready"
+
+    def logs(self) -> str:
+        proc = self.podman("logs", self.name, check=False)
+        return (proc.stdout + proc.stderr)[-6000:]
+
+    def state(self) -> dict:
+        return self.podman.inspect(self.name)["State"]
+
+    def remove(self) -> None:
+        self.podman("rm", "--force", "--time", "0", self.name, check=False)
+
+
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's ./secrets folder: the API key as a file the non-root uid can read."""
+    folder = tmp_path_factory.mktemp("secrets")
+    (folder / "inpaint_api_keys").write_text(KEY + "\n")
+    (folder / "inpaint_api_keys").chmod(0o444)
+    folder.chmod(0o755)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def volumes(podman: Podman, image: str, secrets: Path) -> str:
+    """The quick start's first command: ``download`` into the volumes (tiny stand-ins here, not ~45 GB)."""
+    proc = podman("run", "--rm", *VOLUMES, image, "download", "--models", "tiny", timeout=300)
+    files = json.loads(proc.stdout)["files"]
+    assert files and all(path.startswith("/data/tiny-models/") for path in files), files
+    return "inpaint-data"
+
+
+@pytest.fixture
+def connect(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], fal_client.SyncClient]:
+    """The unmodified Python fal client at a base URL (the README's plain-HTTP recipe), one per container."""
+
+    def at(url: str) -> fal_client.SyncClient:
+        monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", f"{url}/")
+        monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", f"{url}/queue/")
+        monkeypatch.setattr(fal_client.client, "REST_URL", url)
+        monkeypatch.setattr(fal_client.client, "CDN_URL", url)
+        return fal_client.SyncClient(key=KEY)
+
+    return at
+
+
+def _status(url: str, request_id: str) -> dict:
+    response = httpx.get(
+        f"{url}/queue/{LIGHTNING}/requests/{request_id}/status", headers={"Authorization": f"Key {KEY}"}, timeout=10
+    )
+    return response.json()
+
+
+def _wait_status(url: str, request_id: str, wanted: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _status(url, request_id)
+        if status["status"] == wanted:
+            return status
+        assert time.monotonic() < deadline, f"{request_id} still {status} after {timeout} s"
+        time.sleep(0.2)
+
+
+def _assert_done(client: fal_client.SyncClient, request_ids: dict[str, int]) -> None:
+    """Every acknowledged request completed with its own seed and an image of the size asked for."""
+    for request_id, seed in request_ids.items():
+        result = client.result(LIGHTNING, request_id)
+        assert result["seed"] == seed
+        assert [(i["width"], i["height"]) for i in result["images"]] == [(64, 48)]
+
+
+def test_image_metadata(podman: Podman, image: str, record_property) -> None:
+    """What the Dockerfile promises: non-root uid, volumes, port, stop signal, liveness healthcheck, tini,
+    and a CPU image no larger than the bound."""
+    info = podman.inspect(image, kind="image")
+    config = info["Config"]
+    size = int(info["Size"])
+    record_property(
+        "summary",
+        f"container: CPU image {size / 1e9:.2f} GB (bound {MAX_IMAGE_BYTES / 1e9:.1f} GB); "
+        f"base image {BUILD_TIMES.get('base_s', 0):.0f} s, project image build {BUILD_TIMES.get('build_s', 0):.0f} s",
+    )
+    assert size <= MAX_IMAGE_BYTES, f"the CPU image grew to {size / 1e9:.2f} GB (bound {MAX_IMAGE_BYTES / 1e9} GB)"
+    assert config["User"] == f"{UID}:{UID}"
+    assert set(config["Volumes"]) == {"/data", "/models"}
+    assert "8000/tcp" in config["ExposedPorts"]
+    assert config["StopSignal"] == "SIGTERM"
+    assert config["Entrypoint"] == ["tini", "--", "inpaint-server"] and config["Cmd"] == ["serve"]
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert env["INPAINT_DATA_DIR"] == "/data" and env["HF_HOME"] == "/models" and env["INPAINT_HOST"] == "0.0.0.0"
+    health = info["Healthcheck"]
+    assert health["Test"] == ["CMD", "inpaint-server", "health"], health
+
+
+def test_serves_the_fal_client_as_non_root(
+    podman: Podman, image: str, secrets: Path, volumes: str, connect: Callable[[str], fal_client.SyncClient]
+) -> None:
+    box = Container(podman, image, secrets, "inpaint-serve")
+    try:
+        box.wait_ready()
+        client = connect(box.url)
+        # The key came in as a secret file: without it the API refuses.
+        assert httpx.post(f"{box.url}/queue/{LIGHTNING}", json=_arguments(1), timeout=10).status_code == 401
+        handle = client.submit(LIGHTNING, arguments=_arguments(7))
+        result = handle.get()
+        assert result["seed"] == 7 and result["images"][0]["width"] == 64
+        image_file = httpx.get(result["images"][0]["url"], timeout=10)
+        assert image_file.status_code == 200 and image_file.content[:2] == b"\xff\xd8"  # a JPEG, from /data
+
+        users = podman("top", box.name, "huser", "comm").stdout.split()[2:]
+        assert users[0::2] == [str(UID)] * (len(users) // 2), users  # tini and the server, not root
+        assert podman("exec", box.name, "id", "-u").stdout.strip() == str(UID)
+
+        # No systemd here to run the healthcheck's timer: run it once, as the timer would.
+        assert podman("healthcheck", "run", box.name, check=False).returncode == 0, box.logs()
+        assert box.state()["Health"]["Status"] == "healthy"
+    finally:
+        box.remove()
+
+
+def test_sigkill_then_new_container_completes_everything_acknowledged(
+    podman: Podman, image: str, secrets: Path, volumes: str, connect: Callable[[str], fal_client.SyncClient]
+) -> None:
+    """``podman kill`` (SIGKILL) with one request running and more queued; a new container on the same
+    volume runs them all, the interrupted one again with its own seed."""
+    hold = json.dumps({"at": "denoise_step", "fault": "hang", "seconds": 600, "prompt": "hold"})
+    first = Container(
+        podman, image, secrets, "inpaint-killed", env={"INPAINT_TEST_FAULTS": hold, "INPAINT_MAX_BATCH_SIZE": "1"}
+    )
+    second = None
+    try:
+        first.wait_ready()
+        client = connect(first.url)
+        running = client.submit(LIGHTNING, arguments=_arguments(100, prompt="hold this one")).request_id
+        _wait_status(first.url, running, "IN_PROGRESS")
+        acknowledged = {running: 100}
+        for seed in range(101, 106):
+            acknowledged[client.submit(LIGHTNING, arguments=_arguments(seed)).request_id] = seed
+        assert all(_status(first.url, rid)["status"] == "IN_QUEUE" for rid in list(acknowledged)[1:])
+
+        podman("kill", "--signal", "KILL", first.name)
+        assert first.state()["ExitCode"] == 137
+        first.remove()
+
+        second = Container(podman, image, secrets, "inpaint-after-kill")
+        second.wait_ready()
+        client = connect(second.url)
+        for request_id in acknowledged:
+            _wait_status(second.url, request_id, "COMPLETED", timeout=120)
+        _assert_done(client, acknowledged)
+        assert f"{RERUN}; running again (attempt 2)" in _log_text(second.url, running)
+    finally:
+        first.remove()
+        if second is not None:
+            second.remove()
+
+
+def test_stop_drains_and_exits_zero(
+    podman: Podman, image: str, secrets: Path, volumes: str, connect: Callable[[str], fal_client.SyncClient]
+) -> None:
+    """``podman stop`` (SIGTERM, the container's 45 s stop timeout): the running request finishes and is
+    saved, queued ones stay queued for the next container, and the server exits 0 well within the timeout."""
+    slow = json.dumps({"at": "denoise_step", "fault": "hang", "seconds": 2, "prompt": "slow"})
+    first = Container(
+        podman, image, secrets, "inpaint-stopped", env={"INPAINT_TEST_FAULTS": slow, "INPAINT_MAX_BATCH_SIZE": "1"}
+    )
+    second = None
+    try:
+        first.wait_ready()
+        client = connect(first.url)
+        running = client.submit(LIGHTNING, arguments=_arguments(200, prompt="slow steps")).request_id
+        _wait_status(first.url, running, "IN_PROGRESS")
+        queued = {client.submit(LIGHTNING, arguments=_arguments(seed)).request_id: seed for seed in (201, 202)}
+
+        started = time.monotonic()
+        podman("stop", first.name, timeout=STOP_TIMEOUT_S + 30)  # no -t: the run's --stop-timeout 45
+        took = time.monotonic() - started
+        state = first.state()
+        assert state["ExitCode"] == 0, first.logs()
+        assert took < STOP_TIMEOUT_S - 5, f"stop took {took:.0f} s: it was killed, not drained"
+        logs = first.logs()
+        assert "draining" in logs.lower(), logs
+        first.remove()
+
+        second = Container(podman, image, secrets, "inpaint-after-stop")
+        second.wait_ready()
+        client = connect(second.url)
+        for request_id in [running, *queued]:
+            _wait_status(second.url, request_id, "COMPLETED", timeout=120)
+        _assert_done(client, {running: 200, **queued})
+        # The drained request finished in the first container: it was not run a second time.
+        assert RERUN not in _log_text(second.url, running)
+    finally:
+        first.remove()
+        if second is not None:
+            second.remove()
+
+
+def _log_text(url: str, request_id: str) -> str:
+    response = httpx.get(
+        f"{url}/queue/{LIGHTNING}/requests/{request_id}/status",
+        params={"logs": 1},
+        headers={"Authorization": f"Key {KEY}"},
+        timeout=10,
+    )
+    return "\n".join(entry["message"] for entry in response.json()["logs"])
