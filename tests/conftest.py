@@ -10,6 +10,22 @@ import pytest
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+_summaries: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Numbers a test reports with ``record_property("summary", text)`` (image size, build time...), collected
+    from the report so that they also come back from pytest-xdist's workers."""
+    if report.when == "call":
+        _summaries.extend(str(value) for key, value in report.user_properties if key == "summary")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _summaries:
+        terminalreporter.section("reported numbers")
+        for line in _summaries:
+            terminalreporter.write_line(line)
+
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

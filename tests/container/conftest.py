@@ -15,13 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.container.podman import Podman, build_base, missing_tools, pip_build_mounts
-
-ROOT = Path(__file__).resolve().parents[2]
-IMAGE = "localhost/inpaint-server:test"
-# The CPU image: torch 2.13.0 CPU, no gpu/fp8 extras, no model weights (--models tiny generates stand-ins).
-MAX_IMAGE_BYTES = 1_800_000_000
-BUILD_TIMES: dict[str, float] = {}
+from tests.container.podman import BUILD_TIMES, IMAGE, ROOT, Podman, build_base, build_image, missing_tools
 
 
 def _unavailable() -> str | None:
@@ -52,22 +46,16 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
 
 
 @pytest.fixture(scope="module")
-def image(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """``podman build`` of the project's Dockerfile on the local base, with the CPU torch."""
-    work = tmp_path_factory.mktemp("image-build")
+def base_image(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> str:
     started = time.monotonic()
-    base = build_base(podman, work)
-    based = time.monotonic()
-    podman(
-        "build",
-        "--format", "docker",  # OCI format drops HEALTHCHECK
-        "--network", "host",
-        "--build-arg", f"BASE_IMAGE={base}",
-        "--build-arg", "EXTRAS=",  # torchvision has no CPU build in these registries; fp8 needs a GPU
-        *pip_build_mounts(work),
-        "-t", IMAGE,
-        str(ROOT),
-        timeout=900,
-    )  # fmt: skip
-    BUILD_TIMES.update(base_s=based - started, build_s=time.monotonic() - based)
+    base = build_base(podman, tmp_path_factory.mktemp("base"))
+    BUILD_TIMES["base_s"] = time.monotonic() - started
+    return base
+
+
+@pytest.fixture(scope="module")
+def image(podman: Podman, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    started = time.monotonic()
+    build_image(podman, ROOT, IMAGE, tmp_path_factory.mktemp("image-build"), base_image)
+    BUILD_TIMES["build_s"] = time.monotonic() - started
     return IMAGE

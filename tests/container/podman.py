@@ -15,6 +15,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "localhost/inpaint-server:test"
+# The CPU image: torch 2.13.0 CPU, no gpu/fp8 extras, no model weights (--models tiny generates stand-ins).
+MAX_IMAGE_BYTES = 1_800_000_000
+BUILD_TIMES: dict[str, float] = {}  # how long the base and the image took, for the test that reports them
+
 TOOLS = ("podman", "buildah", "debootstrap", "runc", "slirp4netns")
 
 
@@ -168,3 +174,18 @@ def pip_build_mounts(work: Path) -> list[str]:
     for path in sorted(paths):
         mounts += ["-v", f"{path}:{path}:ro"]
     return mounts
+
+
+def build_image(podman: Podman, context: Path, tag: str, work: Path, base: str) -> str:
+    """``podman build`` of the project's Dockerfile on the local base with the CPU torch; the build's log."""
+    return podman(
+        "build",
+        "--format", "docker",  # OCI format drops HEALTHCHECK
+        "--network", "host",
+        "--build-arg", f"BASE_IMAGE={base}",
+        "--build-arg", "EXTRAS=",  # torchvision has no CPU build in these registries; fp8 needs a GPU
+        *pip_build_mounts(work),
+        "-t", tag,
+        str(context),
+        timeout=900,
+    ).stdout  # fmt: skip

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +19,7 @@ import fal_client
 import httpx
 import pytest
 
-from tests.container.conftest import BUILD_TIMES, MAX_IMAGE_BYTES
-from tests.container.podman import Podman
+from tests.container.podman import BUILD_TIMES, MAX_IMAGE_BYTES, ROOT, Podman, build_image
 from tests.helpers import box_mask, noise_image, png
 from tests.live import free_port
 
@@ -30,6 +31,7 @@ UID = 10001
 # The README's run line, less the GPU: the volumes, the secrets folder, the stop timeout, the port.
 VOLUMES = ("-v", "inpaint-data:/data", "-v", "inpaint-models:/models")
 STOP_TIMEOUT_S = 45
+EDITED = "localhost/inpaint-server:edited"
 RERUN = "Interrupted by a server restart"  # the job log line of a request run again after a crash
 
 
@@ -282,3 +284,41 @@ def _log_text(url: str, request_id: str) -> str:
         timeout=10,
     )
     return "\n".join(entry["message"] for entry in response.json()["logs"])
+
+
+def test_code_change_rebuilds_only_the_project_layer(
+    podman: Podman, image: str, base_image: str, tmp_path: Path, record_property
+) -> None:
+    """The layer order: after a change to the code, torch and the dependencies come from the cache."""
+    context = tmp_path / "context"
+    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, context / name)
+    for folder in ("server", "pipelines", "configs"):
+        shutil.copytree(ROOT / folder, context / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    marker = "# edited by test_code_change_rebuilds_only_the_project_layer"
+    with (context / "server" / "__init__.py").open("a") as init:
+        init.write(f"\n{marker}\n")
+    started = time.monotonic()
+    log = build_image(podman, context, EDITED, tmp_path, base_image)
+    took = time.monotonic() - started
+    try:
+        steps = _build_steps(log)
+        torch_step = next(step for step in steps if '"${TORCH_REQUIREMENT}"' in step)
+        deps_step = next(step for step in steps if "requirements.txt" in step and "tomllib" in step)
+        project_step = next(step for step in steps if "--no-deps --no-build-isolation" in step)
+        assert "Using cache" in torch_step and "Using cache" in deps_step, log[-4000:]
+        assert "Using cache" not in project_step, log[-4000:]
+        installed = podman(
+            "run", "--rm", "--entrypoint", "python", EDITED, "-c", "import server; print(open(server.__file__).read())"
+        ).stdout  # fmt: skip
+        assert marker in installed
+        record_property("summary", f"container: rebuild after a code change {took:.0f} s (torch and deps cached)")
+    finally:
+        podman("rmi", "--force", EDITED, check=False)
+
+
+def _build_steps(log: str) -> list[str]:
+    """``podman build`` output cut at each ``STEP n/m:`` line."""
+    parts = re.split(r"(?m)^STEP \d+/\d+: ", log)
+    return parts[1:]
