@@ -27,8 +27,20 @@ def _unavailable() -> str | None:
     return None
 
 
+def _check_one_worker(request: pytest.FixtureRequest) -> None:
+    """Under pytest-xdist the module must stay on one worker (one image, one pair of volumes). With ``--dist
+    loadgroup`` its xdist_group mark shows in its tests' node ids; without it, fail at once instead of
+    building the image on each worker."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    mine = [item for item in request.session.items if item.path == request.path]
+    if not all(item.nodeid.endswith("@container") for item in mine):
+        pytest.fail("run the container tests with --dist loadgroup (or without -n): they share one image and volumes")
+
+
 @pytest.fixture(scope="module")
-def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+def podman(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+    _check_one_worker(request)
     reason = _unavailable()
     if reason:
         if os.environ.get("INPAINT_REQUIRE_CONTAINER") == "1":

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ import fal_client
 import httpx
 import pytest
 
+from tests.compat.certs import make_tls_files
 from tests.container.podman import BUILD_TIMES, MAX_IMAGE_BYTES, ROOT, Podman, build_image
 from tests.helpers import box_mask, noise_image, png
 from tests.live import free_port
@@ -95,10 +98,16 @@ class Container:
 def secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The README's ./secrets folder: the API key as a file the non-root uid can read."""
     folder = tmp_path_factory.mktemp("secrets")
-    (folder / "inpaint_api_keys").write_text(KEY + "\n")
-    (folder / "inpaint_api_keys").chmod(0o444)
-    folder.chmod(0o755)
+    _secret(folder / "inpaint_api_keys", (KEY + "\n").encode())
     return folder
+
+
+def _secret(path: Path, content: bytes) -> None:
+    """As the README says: owned by the image's uid, readable by it alone."""
+    path.write_bytes(content)
+    os.chown(path, UID, UID)
+    path.chmod(0o400)
+    path.parent.chmod(0o755)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +203,30 @@ def test_serves_the_fal_client_as_non_root(
         # No systemd here to run the healthcheck's timer: run it once, as the timer would.
         assert podman("healthcheck", "run", box.name, check=False).returncode == 0, box.logs()
         assert box.state()["Health"]["Status"] == "healthy"
+    finally:
+        box.remove()
+
+
+def test_https_with_the_certificate_and_keys_as_secret_files(podman: Podman, image: str, volumes: str, tmp_path: Path):
+    """TLS files and API keys from /run/secrets; the image's healthcheck finds HTTPS from the settings."""
+    tls = make_tls_files(tmp_path / "tls")
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    _secret(folder / "inpaint_api_keys", KEY.encode())
+    _secret(folder / "tls.pem", tls.server_cert.read_bytes())
+    _secret(folder / "tls.key", tls.server_key.read_bytes())
+    env = {"INPAINT_TLS_CERT": "/run/secrets/tls.pem", "INPAINT_TLS_KEY": "/run/secrets/tls.key"}
+    box = Container(podman, image, folder, "inpaint-tls", env=env)
+    try:
+        box.wait_ready()  # inpaint-server health inside the container, over HTTPS
+        assert podman("healthcheck", "run", box.name, check=False).returncode == 0, box.logs()
+        verify = ssl.create_default_context(cafile=str(tls.ca_cert))
+        https = f"https://127.0.0.1:{box.port}"
+        assert httpx.get(f"{https}/health/ready", verify=verify, timeout=10).json() == {"status": "ready"}
+        headers = {"Authorization": f"Key {KEY}"}
+        unknown = f"{https}/queue/{LIGHTNING}/requests/00000000-0000-4000-8000-000000000000/status"
+        assert httpx.get(unknown, verify=verify, headers=headers, timeout=10).status_code == 404
+        assert httpx.get(unknown, verify=verify, timeout=10).status_code == 401
     finally:
         box.remove()
 
