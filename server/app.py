@@ -28,7 +28,7 @@ from . import __version__
 from .api import fal_router
 from .auth import KeyAuth
 from .engine_host import EngineHost
-from .errors import ERROR_TYPE_HEADER, ApiError, NotFound, error_response
+from .errors import ERROR_TYPE_HEADER, ApiError, NotFound, StoreDown, error_response
 from .fetch import FetchGuard, HostResolver, resolve_host
 from .files import FileStore
 from .limits import BodyLimit
@@ -39,7 +39,7 @@ from .routing import FalRouting
 from .service import JobService
 from .settings import Settings
 from .storage import UploadTokens, storage_router
-from .store import JobStore
+from .store import StoreUnavailable, open_store
 from .webhooks import WebhookSender, WebhookSigner
 
 log = logging.getLogger("inpaint-server")
@@ -79,7 +79,7 @@ def create_app(
     apps = list(spec.apps.values())
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(data_dir / "jobs.sqlite3")
+    store = open_store(settings.store, data_dir)
     files = FileStore(data_dir)
     metrics = Metrics()
     auth = KeyAuth(settings.api_keys)
@@ -239,6 +239,11 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers={ERROR_TYPE_HEADER: kind},
         )
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return StoreDown().response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -143,6 +143,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     srv.add_argument("--port", type=int, help="port (default 8000)")
     srv.add_argument("--data-dir", type=Path, help="job store, files, keys (default $INPAINT_DATA_DIR)")
+    srv.add_argument("--store", help="job store: sqlite:///PATH (default DATA_DIR/jobs.sqlite3) or postgresql://...")
     srv.add_argument("--public-url", help="base URL clients reach this server at (default: from each request)")
     srv.add_argument("--models", choices=("hub", "tiny"), help="hub (default) or tiny random-weight stand-ins")
     srv.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")

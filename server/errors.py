@@ -142,6 +142,18 @@ class Draining(ApiError):
         super().__init__(detail, headers={"Retry-After": str(self.retry_after_s)})
 
 
+class StoreDown(ApiError):
+    """The job store cannot be reached (PostgreSQL restarting, a network cut): nothing was written. 503 with
+    Retry-After, so clients retry; the request was not acknowledged, so nothing is lost."""
+
+    status = 503
+    error_type = "store_unavailable"
+    retry_after_s = 2
+
+    def __init__(self, detail: str = "the job store is unavailable for a moment; nothing was written, retry shortly"):
+        super().__init__(detail, headers={"Retry-After": str(self.retry_after_s)})
+
+
 class IdempotencyKeyReused(ApiError):
     """An ``Idempotency-Key`` sent again with a different request. 422, not 409: fal's clients retry 409."""
 

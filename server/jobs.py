@@ -86,6 +86,12 @@ class Job:
     inference_time: float | None = None
     files: list[str] = field(default_factory=list)
     cancel_requested: bool = False
+    # Scheduling (the claim/lease protocol of server.store): which batches the job can join, the image rows it
+    # adds to one, and which worker holds it until when.
+    batch_key: str = ""
+    rows: int = 1
+    worker: str | None = None
+    lease_until: float | None = None
     # In memory only.
     version: int = 0
     _changed: asyncio.Event | None = field(default=None, repr=False, compare=False)

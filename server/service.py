@@ -36,7 +36,7 @@ from .metrics import Metrics
 from .redact import public_message
 from .results import InlineResults, encode_output
 from .settings import Settings
-from .store import JobStore, WebhookRow
+from .store import JobStore, StoreUnavailable, WebhookRow
 from .webhooks import WebhookSender, webhook_body
 from .worker import GpuWorker
 
@@ -236,7 +236,8 @@ class JobService:
         return job.expires_at is None or job.expires_at > self.clock()
 
     def position(self, job: Job) -> int | None:
-        return self.queue.position(job.id)
+        """Queued jobs ahead of ``job``, from the store: right whichever node answers."""
+        return self.store.position(job.id) if job.state is JobState.QUEUED else None
 
     def result_of(self, job: Job) -> dict[str, Any] | None:
         return job.result if job.result is not None else self.inline_results.output(job.id)
@@ -328,7 +329,11 @@ class JobService:
         if job.webhook_url:
             body = webhook_body(job.id, state is JobState.SUCCEEDED, payload, status)
             webhook = WebhookRow(job.id, job.webhook_url, body, job.owner, 0, now)
-        self.store.save(job, webhook)
+        try:
+            self.store.save(job, webhook)
+        except StoreUnavailable as exc:  # keep the outcome in memory and write it when the store is back
+            log.warning("request %s %s, but the job store is unavailable; saving it later: %s", job.id, state, exc)
+            self._tasks.append(asyncio.create_task(self._save_when_back(job, webhook), name=f"save-{job.id}"))
         if webhook is not None:
             self.webhooks.wake()
         self.active.pop(job.id, None)
@@ -338,6 +343,22 @@ class JobService:
         self.update_gauges()
         job.notify()
         log.info("request %s %s%s", job.id, state.value, f" ({job.error_type}: {job.error})" if job.error else "")
+
+    async def _save_when_back(self, job: Job, webhook: WebhookRow | None) -> None:
+        """A terminal state reached while the store was down: retried until written. Until then the job is
+        still running in the store, so a crash meanwhile runs it again (same seed) rather than losing it."""
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                self.store.save(job, webhook)
+            except StoreUnavailable:
+                delay = min(delay * 2, 5.0)
+                continue
+            if webhook is not None:
+                self.webhooks.wake()
+            log.info("request %s: its %s state is saved now that the store is back", job.id, job.state)
+            return
 
     def _remember(self, job: Job) -> None:
         self.finished[job.id] = job

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default_factory=default_data_dir, description="Job store, generated files, uploads and keys live here."
     )
+    store: str | None = Field(
+        None,
+        description="The job store: sqlite:///PATH (default: DATA_DIR/jobs.sqlite3) or "
+        "postgresql://USER:PASSWORD@HOST/DB (shared by many hosts; pip install 'inpaint-server[postgres]').",
+    )
     public_url: str | None = Field(
         None,
         description="Base URL clients reach this server at (used in *_url fields and file URLs). "
@@ -277,6 +282,13 @@ class Settings(BaseSettings):
                 raise ValueError("API keys must be printable ASCII without spaces")
         return value
 
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("expected sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")
+        return value or None
+
     @field_validator("public_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -323,6 +335,7 @@ CLI_FLAGS = {
     "host": "--host",
     "port": "--port",
     "data_dir": "--data-dir",
+    "store": "--store",
     "public_url": "--public-url",
     "models": "--models",
     "device": "--device",

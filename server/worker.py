@@ -23,6 +23,7 @@ from pipelines.errors import EngineError, GpuFatalError, InputError
 from .gpu_exit import EXIT_GPU_FAULT, GpuHung, exit_for_restart
 from .inputs import InputFetchError, image_size_of_json, slim_input
 from .jobs import Job, JobState
+from .store import StoreUnavailable
 
 if TYPE_CHECKING:
     from .service import JobService
@@ -114,9 +115,27 @@ class GpuWorker:
                 await self._run_next(engine)
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable as exc:  # the queued jobs wait; the store's pool reconnects by itself
+                log.warning("job store unavailable, the GPU lane waits: %s", exc)
+                await asyncio.sleep(1.0)
             except Exception:  # never let one bad batch stop the lane
                 log.exception("GPU worker iteration failed")
                 await asyncio.sleep(0.1)
+
+    def _record_start(self, batch: list[Job], now: float) -> None:
+        """Mark the batch running in the store, all or nothing; on a store error the jobs stay queued as they were."""
+        saved = [(job.started_at, job.attempts, len(job.logs)) for job in batch]
+        for job in batch:
+            job.state, job.started_at = JobState.RUNNING, now
+            job.attempts += 1
+            job.add_log(f"Starting inference ({len(batch)} request(s) in this batch)", when=now)
+        try:
+            self.store.save_many(batch)
+        except BaseException:
+            for job, (started_at, attempts, logs) in zip(batch, saved, strict=True):
+                job.state, job.started_at, job.attempts = JobState.QUEUED, started_at, attempts
+                del job.logs[logs:]
+            raise
 
     def _collect(self, head: Job, prep: _Prepared) -> list[Job]:
         """The head and the queued jobs whose inputs are ready with the same batch key, up to the batch size
@@ -206,15 +225,11 @@ class GpuWorker:
             if head_id not in self.queue or self.jobs.draining:
                 return
         now = self.clock()
+        self._record_start(batch, now)  # durable first: if the store is down, nothing changes and the lane waits
         prepared = []
         for job in batch:
             self.queue.remove(job.id)
             prepared.append(self._prep.pop(job.id).result().prepared)
-            job.state = JobState.RUNNING
-            job.started_at = now
-            job.attempts += 1
-            job.add_log(f"Starting inference ({len(batch)} request(s) in this batch)", when=now)
-            self.store.save(job)
             job.notify()
             self.metrics.latency.labels(job.app_id, "queue").observe(max(now - job.created_at, 0.0))
             log.info("request %s running (attempt %d, batch of %d)", job.id, job.attempts, len(batch))

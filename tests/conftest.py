@@ -28,6 +28,22 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 
 @pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A real PostgreSQL server for the session (tests/pg.py). Skipped where PostgreSQL is not installed,
+    unless ``INPAINT_REQUIRE_POSTGRES=1`` (CI) makes that a failure."""
+    from tests.pg import PostgresServer, unavailable
+
+    reason = unavailable()
+    if reason:
+        if os.environ.get("INPAINT_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL tests are required here but {reason}")
+        pytest.skip(reason)
+    server = PostgresServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Hugging Face cache holding tiny stand-ins for every file the configs name."""
     from pipelines.tiny import make_tiny_models

@@ -25,7 +25,7 @@ from server.app import create_app
 from server.draining import DrainingServer
 from server.jobs import Job, JobState
 from server.settings import load_settings
-from server.store import JobStore
+from server.store import SqliteStore
 from tests.api.queue_ops import (
     APP,
     BIG,
@@ -61,7 +61,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
 
 def stored(data_dir: Path, ids: list[str]) -> dict[str, Job]:
-    store = JobStore(data_dir / "jobs.sqlite3")
+    store = SqliteStore(data_dir / "jobs.sqlite3")
     try:
         rows = {job_id: store.get(job_id) for job_id in ids}
     finally:

@@ -21,7 +21,7 @@ import pytest
 
 from server.jobs import Job, JobState
 from server.schemas import input_model
-from server.store import JobStore
+from server.store import SqliteStore
 from tests.api.fal_wire import FakeClock
 from tests.api.queue_ops import (
     APP,
@@ -76,7 +76,7 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 def stored_jobs(data_dir: Path, ids: list[str]) -> dict[str, Job | None]:
     """The job rows as a crashed server left them on disk."""
-    store = JobStore(data_dir / "jobs.sqlite3")
+    store = SqliteStore(data_dir / "jobs.sqlite3")
     try:
         return {job_id: store.get(job_id) for job_id in ids}
     finally:
@@ -284,7 +284,7 @@ def test_recover_requeues_or_fails_what_a_crash_left_running(
             "cancelled": _stored(app_input, 6, JobState.RUNNING, attempts=1, cancel_requested=True),
         }
         data = tmp_path / "crashed"
-        store = JobStore(data / "jobs.sqlite3")
+        store = SqliteStore(data / "jobs.sqlite3")
         for job in jobs.values():
             store.add(job)
         store.close()

@@ -30,7 +30,7 @@ from server.app import create_app
 from server.gpu_exit import EXIT_GPU_FAULT
 from server.jobs import Job, JobState
 from server.settings import load_settings
-from server.store import JobStore
+from server.store import SqliteStore
 from tests.api.queue_ops import (
     image_bytes,
     requests_url,
@@ -256,7 +256,7 @@ def _exit_status(server: ServerProcess, timeout: float = 60.0) -> int:
 
 
 def _stored(data_dir: Path, ids: list[str]) -> dict[str, Job | None]:
-    store = JobStore(data_dir / "jobs.sqlite3")
+    store = SqliteStore(data_dir / "jobs.sqlite3")
     try:
         return {job_id: store.get(job_id) for job_id in ids}
     finally:

@@ -12,7 +12,7 @@ import pytest
 
 from server import results as results_module
 from server.metrics import Metrics
-from server.store import JobStore
+from server.store import SqliteStore
 from server.webhooks import WebhookSender
 from tests.api.fal_wire import HYPER, LIGHTNING, client_for, endpoint, inpaint_input, submit, wait_for
 
@@ -36,13 +36,13 @@ def test_a_delivery_error_of_any_kind_is_a_failed_attempt_not_a_tight_loop(tmp_p
             Exploding.calls += 1
             raise RuntimeError("transport blew up")
 
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = SqliteStore(tmp_path / "jobs.sqlite3")
     now = [1000.0]
 
     async def scenario() -> None:
         sender = WebhookSender(store, Metrics(), None, 3, 60.0, 600.0, 5.0, clock=lambda: now[0], transport=Exploding())
         with store._tx() as db:  # an outbox row as _terminal writes it
-            db.execute(
+            db.q(
                 "INSERT INTO webhooks (request_id, url, body, owner, attempts, next_at) VALUES (?, ?, ?, ?, 0, ?)",
                 ("r1", "http://hooks.example/x", b"{}", "", now[0]),
             )
@@ -139,7 +139,7 @@ def test_upload_edge_cases_are_clear_errors_not_500(make_server) -> None:
 def test_one_upload_url_accepts_exactly_one_put_even_when_two_race(tmp_path) -> None:
     from server.store import UploadRow
 
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = SqliteStore(tmp_path / "jobs.sqlite3")
     store.add_upload(UploadRow("tok-123456", "", "a.png", "image/png", None, 0.0, 10.0))
     wins: list[bool] = []
     threads = [threading.Thread(target=lambda: wins.append(store.claim_upload("tok-123456"))) for _ in range(8)]

@@ -1,24 +1,47 @@
-"""server.store.JobStore: every persistent field round-trips, queue order, the webhook outbox, expiry,
-uploads, and what a reopened file still holds."""
+"""The job store's conformance suite, run on both backends (SQLite and a real PostgreSQL): every persistent
+field round-trips, queue order and position, the webhook outbox (claimed once), expiry, uploads, what a
+reopened store still holds, and the claim/lease protocol, also under concurrent claimers."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from server.jobs import Job, JobState
-from server.store import JobStore, UploadRow, WebhookRow
+from server.store import JobStore, SqliteStore, UploadRow, WebhookRow, open_store
+
+INTEGRITY = (sqlite3.IntegrityError, psycopg.errors.IntegrityError)
+Opener = Callable[[], JobStore]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens a store on this test's own database; every call is a new connection to the same data (another
+    process, another node)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db' / 'jobs.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres").fresh_url()
+    opened: list[JobStore] = []
+
+    def open_one() -> JobStore:
+        opened.append(open_store(url, tmp_path))
+        return opened[-1]
+
+    yield open_one
+    for store in opened:
+        store.close()
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[JobStore]:
-    store = JobStore(tmp_path / "db" / "jobs.sqlite3")
-    yield store
-    store.close()
+def store(opener: Opener) -> JobStore:
+    return opener()
 
 
 def make_job(job_id: str, seq: int, priority: int = 0, state: JobState = JobState.QUEUED, **fields: Any) -> Job:
@@ -71,7 +94,7 @@ def test_every_persistent_field_round_trips(store: JobStore) -> None:
 def test_missing_job_is_none_and_duplicate_id_is_refused(store: JobStore) -> None:
     assert store.get("nope") is None
     store.add(make_job("dup", 1))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY):
         store.add(make_job("dup", 2))
     assert store.get("dup").seq == 1
     assert store.counts() == {"queued": 1}
@@ -97,24 +120,19 @@ def test_save_overwrites_and_unfinished_is_queue_order(store: JobStore) -> None:
     assert store.counts() == {"queued": 2, "running": 1, "succeeded": 1, "cancelled": 1}
 
 
-def test_reopened_store_holds_everything_committed(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite3"
-    first = JobStore(path)
+def test_reopened_store_holds_everything_committed(opener: Opener) -> None:
+    first = opener()
     job = make_job("persisted", 3, state=JobState.RUNNING, attempts=1)
     first.add(job)
     first.save(job, WebhookRow(job.id, "http://hook", b'{"a": 1}', job.owner, 0, 5.0))
     first.add_upload(UploadRow("tok-12345678", "o", "a.png", "image/png", None, 1.0, 9.0))
     # no close(): a crash leaves the connection open
-    second = JobStore(path)
-    try:
-        assert second.get(job.id) == job
-        assert [j.id for j in second.unfinished()] == [job.id]
-        assert second.webhooks_due(10.0) == [WebhookRow(job.id, "http://hook", b'{"a": 1}', job.owner, 0, 5.0)]
-        assert second.get_upload("tok-12345678") is not None
-        assert second.next_seq() == 4
-    finally:
-        second.close()
-        first.close()
+    second = opener()
+    assert second.get(job.id) == job
+    assert [j.id for j in second.unfinished()] == [job.id]
+    assert second.webhooks_due(10.0) == [WebhookRow(job.id, "http://hook", b'{"a": 1}', job.owner, 0, 5.0)]
+    assert second.get_upload("tok-12345678") is not None
+    assert second.next_seq() == 4
 
 
 def test_webhook_outbox_due_attempted_and_kept_while_pending(store: JobStore) -> None:
@@ -181,9 +199,156 @@ def test_a_failed_transaction_leaves_nothing_behind(store: JobStore) -> None:
     store.add(job)
     job.state = JobState.SUCCEEDED
     bad_hook = WebhookRow(job.id, None, b"{}", "", 0, 1.0)  # type: ignore[arg-type]  # url NOT NULL
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY):
         store.save(job, bad_hook)
     assert store.get(job.id).state is JobState.QUEUED
     assert store.webhook_state(job.id) is None
     store.save(job)  # the connection is usable afterwards
     assert store.get(job.id).state is JobState.SUCCEEDED
+
+
+# ---------------------------------------------------------------------- claims and leases
+
+
+def queued(store: JobStore, specs: list[tuple[str, str, int]], priority: int = 0, start: int = 1) -> None:
+    """Add queued jobs given as (id, batch key, rows), in arrival order."""
+    for offset, (job_id, key, rows) in enumerate(specs):
+        store.add(make_job(job_id, start + offset, priority=priority, batch_key=key, rows=rows))
+
+
+def test_claim_takes_the_oldest_and_its_batch_mates_up_to_the_rows(store: JobStore) -> None:
+    queued(store, [("a", "k1", 2), ("b", "k2", 1), ("c", "k1", 4), ("d", "k1", 4), ("e", "k1", 1)])
+    store.add(make_job("urgent", 0, priority=0, batch_key="k2"))  # seq 0: older than everything
+    first = store.claim("w1", now=100.0, lease_s=30.0, max_rows=8)
+    assert [j.id for j in first] == ["urgent", "b"]  # the oldest job's key, in order
+    second = store.claim("w2", now=100.0, lease_s=30.0, max_rows=8)
+    assert [j.id for j in second] == ["a", "c", "e"]  # 2 + 4 + 1 rows: d (4 more) does not fit, e does
+    for job in second:
+        assert job.state is JobState.RUNNING and job.worker == "w2" and job.lease_until == 130.0
+        assert job.attempts == 1 and job.started_at == 100.0
+        assert store.get(job.id) == job
+    assert [j.id for j in store.claim("w1", 100.0, 30.0, max_rows=8)] == ["d"]
+    assert store.claim("w1", 100.0, 30.0) == []
+
+
+def test_a_job_over_the_row_limit_still_runs_alone(store: JobStore) -> None:
+    queued(store, [("big", "k", 12), ("small", "k", 1)])
+    assert [j.id for j in store.claim("w", 1.0, 5.0, max_rows=8)] == ["big"]
+    assert [j.id for j in store.claim("w", 1.0, 5.0, max_rows=8, max_jobs=1)] == ["small"]
+
+
+def test_low_priority_waits_and_cancelled_jobs_are_never_claimed(store: JobStore) -> None:
+    queued(store, [("low", "k", 1)], priority=1, start=1)
+    queued(store, [("normal", "n", 1), ("gone", "n", 1), ("mate", "k", 1)], start=2)
+    assert store.request_cancel("gone") and store.cancel_requested(["gone", "normal", "low"]) == {"gone"}
+    assert [j.id for j in store.claim("w", 1.0, 5.0)] == ["normal"]  # older, but low priority, "low" waits
+    assert [j.id for j in store.claim("w", 1.0, 5.0)] == ["mate", "low"]  # and then fills its batch-mate's room
+    assert store.claim("w", 1.0, 5.0) == []
+    assert not store.request_cancel("missing")
+
+
+def test_queue_position_comes_from_the_store(opener: Opener) -> None:
+    node_a, node_b = opener(), opener()
+    queued(node_a, [("a", "k", 1), ("b", "k", 1), ("c", "k", 1)])
+    queued(node_a, [("low", "k", 1)], priority=1, start=4)
+    assert [node_b.position(i) for i in ("a", "b", "c", "low")] == [0, 1, 2, 3]
+    node_a.claim("w", 1.0, 5.0, max_jobs=1)
+    assert [node_b.position(i) for i in ("a", "b", "c", "low")] == [None, 0, 1, 2]
+    assert node_b.position("missing") is None
+
+
+def test_renew_keeps_a_live_worker_and_expiry_requeues_a_dead_one(opener: Opener) -> None:
+    store, other_node = opener(), opener()
+    queued(store, [("slow", "k", 1), ("dead", "j", 1)])
+    (slow,) = store.claim("live-worker", now=0.0, lease_s=10.0)
+    (dead,) = store.claim("dead-worker", now=0.0, lease_s=10.0)
+    assert store.renew("live-worker", ["slow", "dead"], now=8.0, lease_s=10.0) == {"slow"}  # not the other's job
+    assert [j.id for j in other_node.expired_leases(now=12.0)] == ["dead"]  # slow was renewed to 18
+    job = other_node.expired_leases(now=12.0)[0]
+    job.add_log("Worker lost; running again (attempt 2)", "WARN")
+    assert other_node.requeue(job, now=12.0)
+    assert not store.requeue(job, now=12.0)  # once only
+    requeued = store.get("dead")
+    assert requeued.state is JobState.QUEUED and requeued.worker is None and requeued.attempts == 1
+    assert requeued.logs[-1]["message"].startswith("Worker lost")
+    # The dead worker comes back: its lease is gone, so it can neither renew nor finish the job.
+    assert store.renew("dead-worker", ["dead"], now=13.0, lease_s=10.0) == set()
+    dead.state = JobState.SUCCEEDED
+    assert not store.save(dead, holder="dead-worker")
+    assert store.get("dead").state is JobState.QUEUED
+    (again,) = store.claim("second-worker", now=13.0, lease_s=10.0)
+    assert again.id == "dead" and again.attempts == 2 and again.seed == dead.seed
+    # The live worker finishes its own job, with the webhook, in one write.
+    slow.state = JobState.SUCCEEDED
+    assert store.save(slow, WebhookRow("slow", "http://hook", b"{}", "", 0, 1.0), holder="live-worker")
+    assert store.get("slow").state is JobState.SUCCEEDED and store.webhook_state("slow") == ("pending", 0, None)
+    assert other_node.expired_leases(now=1e9) == [store.get("dead")]
+
+
+def test_concurrent_claimers_never_take_the_same_job(opener: Opener) -> None:
+    """Four workers, each with its own connection, claim 120 jobs of three batch keys at once."""
+    setup = opener()
+    keys = ["a", "b", "c"]
+    queued(setup, [(f"j{i:03d}", keys[i % 3], 1 + i % 2) for i in range(120)])
+    workers = [opener() for _ in range(4)]
+    taken: dict[str, list[str]] = {f"w{i}": [] for i in range(4)}
+    errors: list[BaseException] = []
+
+    def work(name: str, store: JobStore) -> None:
+        try:
+            while batch := store.claim(name, now=1.0, lease_s=60.0, max_rows=8):
+                assert len({j.batch_key for j in batch}) == 1 and sum(j.rows for j in batch) <= 8
+                taken[name].extend(j.id for j in batch)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"w{i}", s)) for i, s in enumerate(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    claimed = [job_id for ids in taken.values() for job_id in ids]
+    assert sorted(claimed) == [f"j{i:03d}" for i in range(120)]  # every job once, none twice
+    assert setup.counts() == {"running": 120}
+    assert all(setup.get(job_id).worker == name for name, ids in taken.items() for job_id in ids)
+
+
+def test_a_webhook_is_claimed_by_one_node_at_a_time(opener: Opener) -> None:
+    node_a, node_b = opener(), opener()
+    job = make_job("hooked", 1, state=JobState.SUCCEEDED)
+    node_a.add(job)
+    node_a.save(job, WebhookRow(job.id, "http://hook", b"{}", "", 0, 5.0))
+    assert [r.request_id for r in node_a.webhooks_due(10.0, claimant="api-a", lease_s=30.0)] == ["hooked"]
+    assert node_b.webhooks_due(20.0, claimant="api-b", lease_s=30.0) == []  # a holds it
+    assert [r.request_id for r in node_b.webhooks_due(41.0, claimant="api-b")] == ["hooked"]  # a's claim ran out
+    node_b.webhook_attempted("hooked", 1, "delivered", 41.0, None)
+    assert node_a.webhooks_due(1e9, claimant="api-a") == []
+
+
+def test_an_older_sqlite_store_gets_the_new_columns(tmp_path: Path) -> None:
+    """A store written before claims existed opens, and its queued jobs can be claimed."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, app_id TEXT NOT NULL, endpoint TEXT NOT NULL,"
+        " owner TEXT NOT NULL, state TEXT NOT NULL, priority INTEGER NOT NULL, input TEXT NOT NULL, seed INTEGER NOT"
+        " NULL, attempts INTEGER NOT NULL, sync INTEGER NOT NULL, base_url TEXT NOT NULL, queue_prefix TEXT NOT NULL,"
+        " webhook_url TEXT, start_deadline REAL, created_at REAL NOT NULL, started_at REAL, finished_at REAL,"
+        " expires_at REAL, result TEXT, error TEXT, error_type TEXT, error_body TEXT, http_status INTEGER NOT NULL,"
+        " logs TEXT NOT NULL, inference_time REAL, files TEXT NOT NULL, cancel_requested INTEGER NOT NULL DEFAULT 0);"
+        " CREATE TABLE webhooks (request_id TEXT PRIMARY KEY, url TEXT NOT NULL, body BLOB NOT NULL, owner TEXT NOT"
+        " NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'pending',"
+        " last_error TEXT);"
+        " INSERT INTO jobs VALUES ('old', 1, 'fal-ai/hyper-sdxl/inpainting', 'fal-ai/hyper-sdxl', 'o', 'queued', 0,"
+        " '{}', 5, 0, 0, 'http://h', '/queue', NULL, NULL, 1.0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 200, '[]',"
+        " NULL, '[]', 0);"
+    )
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    try:
+        (job,) = store.claim("w", 2.0, 5.0)
+        assert job.id == "old" and job.batch_key == "" and job.rows == 1 and job.worker == "w"
+    finally:
+        store.close()
