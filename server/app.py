@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -262,50 +261,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _default_loader(settings: Settings) -> Callable[[], Any]:
-    def load() -> Any:
-        import torch
+    """Builds the engine the settings describe, in the engine's thread (``pipelines.serving``: torch stays there)."""
+    from pipelines.serving import EngineSettings, build_engine
 
-        from pipelines.engine import Engine
-        from pipelines.hub import Resolver
-        from pipelines.optimize import SpeedOptions
-
-        spec = load_serving_spec(settings.config_dir, settings.model_paths)
-        if settings.models == "tiny":
-            from pipelines.tiny import ensure_tiny_models
-
-            cache = ensure_tiny_models(settings.data_dir, config_dir=settings.config_dir)
-            resolver = Resolver(
-                cache_dir=cache, local_files_only=True, fetch_hint=f"inpaint-server models make-tiny {cache}"
-            )
-        else:
-            resolver = Resolver(fetch_hint="inpaint-server download")
-        variants = None
-        if settings.apps:
-            variants = []
-            for item in settings.apps:
-                name, _, steps = item.partition(":")
-                app = spec.app(name)
-                variants += [(app.app_id, int(steps))] if steps else [(app.app_id, n) for n in app.steps]
-        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        cache_dir = settings.compile_cache_dir or settings.data_dir / "compile-cache"
-        speed = SpeedOptions.for_device(
-            device,
-            compile=settings.compile,
-            cache_dir=cache_dir,
-            compile_mode=None if settings.compile_mode == "default" else settings.compile_mode,
-            attention=settings.attention,
-            fp8=settings.fp8,
-            fp8_max_error=settings.fp8_max_error,
-        )
-        if settings.cuda_graphs is not None:
-            speed = replace(speed, cuda_graphs=settings.cuda_graphs and speed.compile)
-        return Engine.load(
-            spec,
-            device=device,
-            resolver=resolver,
-            variants=variants,
-            speed=speed,
-            prompt_cache_size=settings.prompt_cache_size,
-        )
-
-    return load
+    config = EngineSettings.of(settings)
+    return lambda: build_engine(config)

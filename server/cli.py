@@ -252,30 +252,21 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
+    from pipelines.serving import quiet_model_libraries
 
-    for lib in (dlog, tlog):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
+    quiet_model_libraries()
 
 
 def _serving(args: argparse.Namespace):
     """The spec and resolver for ``--models``/``--model-path``/``--config-dir``."""
-    from pipelines.hub import Resolver
+    from pipelines.serving import resolver_for
     from pipelines.specs import load_serving_spec
 
     spec = load_serving_spec(args.config_dir, dict(args.model_path))
-    if args.models == "tiny":
-        from pipelines.tiny import ensure_tiny_models
-
-        data_dir = args.data_dir or default_data_dir()
-        cache = ensure_tiny_models(data_dir, config_dir=args.config_dir)
-        resolver = Resolver(cache_dir=cache, local_files_only=True, fetch_hint=f"{PROG} models make-tiny {cache}")
-    else:
-        app = getattr(args, "app", None)
-        app = app[0] if isinstance(app, list) and len(app) == 1 else app
-        resolver = Resolver(fetch_hint=f"{PROG} download" + (f" --app {app}" if isinstance(app, str) else ""))
+    app = getattr(args, "app", None)
+    app = app[0] if isinstance(app, list) and len(app) == 1 else app
+    hint = f"{PROG} download" + (f" --app {app}" if isinstance(app, str) else "")
+    resolver = resolver_for(args.models, args.data_dir or default_data_dir(), args.config_dir, fetch_hint=hint)
     return spec, resolver
 
 
@@ -291,12 +282,11 @@ def _embedding(text: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from pipelines import InpaintRequest
     from pipelines.encode import CONTENT_TYPES, encode_image
     from pipelines.engine import Engine
     from pipelines.optimize import SpeedOptions
+    from pipelines.serving import pick_device
 
     try:
         image = read_source(args.image)
@@ -309,7 +299,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps = app.default_steps if args.steps is None else args.steps
     if steps not in app.variants:
         _fail(f"num_inference_steps: {app.app_id} offers {list(app.steps)}, not {steps}", 2)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     request = InpaintRequest(
         app_id=app.app_id,
         image=image,

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pipelines.serving import ServingEngine
+
 log = logging.getLogger("inpaint-server.engine")
 
 DEFAULT_SIZE = "square_hd"  # the image_size both apps' schemas default to
@@ -26,8 +28,8 @@ class EngineHost:
 
     def __init__(
         self,
-        engine: Any = None,
-        loader: Callable[[], Any] | None = None,
+        engine: ServingEngine | None = None,
+        loader: Callable[[], ServingEngine] | None = None,
         warmup: bool = True,
         warmup_sizes: list[tuple[int, int]] | None = None,
     ) -> None:
@@ -123,7 +125,7 @@ class EngineHost:
             log.info("background warm-up done: %d runs in %.1f s", len(units), time.perf_counter() - started)
 
 
-def warmup_plan(engine: Any, sizes: list[tuple[int, int]] | None = None) -> Any:
+def warmup_plan(engine: ServingEngine, sizes: list[tuple[int, int]] | None = None) -> Any:
     """The engine's warm-up plan for the served sizes: fal's ``image_size`` presets on CUDA by default
     (none on CPU, where first calls cost little and full-size runs would slow every start); the
     default size (``square_hd``, both apps' default) is warmed before ready, the others after."""

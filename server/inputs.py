@@ -212,3 +212,23 @@ def image_size_of_json(value: Any) -> tuple[int, int]:
     if isinstance(value, dict):
         return int(value["width"]), int(value["height"])
     return image_size_of(value)
+
+
+def batch_key_of(app_id: str, payload: dict[str, Any], job_id: str) -> str:
+    """The store's batch key, from the request JSON alone: requests with equal keys may be claimed as one
+    batch (same variant, strength and output size; a request with textual inversions runs alone). The engine
+    still groups a claimed batch by its exact key (the mask, for one, is only known once decoded)."""
+    try:
+        width, height = image_size_of_json(payload.get("image_size") or "square_hd")
+    except (KeyError, TypeError, ValueError):
+        width = height = 0
+    key = f"{app_id}|{payload.get('num_inference_steps')}|{payload.get('strength')}|{width}x{height}"
+    return f"{key}|solo:{job_id}" if payload.get("embeddings") else key
+
+
+def rows_of(payload: dict[str, Any]) -> int:
+    """The image rows a request adds to a batch (its ``num_images``)."""
+    try:
+        return max(1, int(payload.get("num_images") or 1))
+    except (TypeError, ValueError):
+        return 1

@@ -28,7 +28,7 @@ from .engine_host import EngineHost
 from .errors import AlreadyCompleted, Draining, EngineUnavailable, IdempotencyKeyReused, NotFound, job_error
 from .fetch import FetchGuard
 from .files import FileStore
-from .inputs import InputFetcher, slim_input
+from .inputs import InputFetcher, batch_key_of, rows_of, slim_input
 from .job_queue import JobQueue
 from .jobs import Job, JobState
 from .limits import RequestLimits
@@ -162,8 +162,9 @@ class JobService:
         seed = payload.get("seed")
         if seed is None:
             seed = secrets.randbelow(2**32)  # drawn once, so a re-run after a restart gives the same image
+        job_id = str(uuid.uuid4())
         job = Job(
-            id=str(uuid.uuid4()),
+            id=job_id,
             app_id=app_id,
             endpoint=endpoint,
             owner=owner,
@@ -177,6 +178,8 @@ class JobService:
             sync=sync,
             webhook_url=webhook_url,
             start_deadline=None if start_timeout is None else now + start_timeout,
+            batch_key=batch_key_of(app_id, payload, job_id),
+            rows=rows_of(payload),
         )
         job.add_log("Request queued", when=now)
         self.store.add(job, idempotency)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines import Embedding, InpaintRequest
 from pipelines.errors import EngineError, GpuFatalError, InputError
+from pipelines.serving import ServingEngine
 
 from .gpu_exit import EXIT_GPU_FAULT, GpuHung, exit_for_restart
 from .inputs import InputFetchError, image_size_of_json, slim_input
@@ -92,7 +93,7 @@ class GpuWorker:
         """The input look-ahead tasks, finished or not (to cancel them at shutdown)."""
         return list(self._prep.values())
 
-    def ensure_prepared(self, engine: Any) -> None:
+    def ensure_prepared(self, engine: ServingEngine) -> None:
         """Start fetching and decoding inputs for the first few queued jobs."""
         for job_id in self.queue.head(self.settings.max_batch_size * 2):
             if job_id not in self._prep:
@@ -172,7 +173,7 @@ class GpuWorker:
                 return True
         return False
 
-    async def _fill(self, engine: Any, head: Job, prep: _Prepared, batch: list[Job]) -> list[Job]:
+    async def _fill(self, engine: ServingEngine, head: Job, prep: _Prepared, batch: list[Job]) -> list[Job]:
         """Wait up to ``batch_window_ms`` for batch-mates: requests submitted meanwhile, or queued ones whose
         inputs are still being fetched. Returns as soon as the batch is full; re-collects on every change."""
         loop = asyncio.get_running_loop()
@@ -192,7 +193,7 @@ class GpuWorker:
             batch = self._collect(head, prep)
         return batch
 
-    async def _run_next(self, engine: Any) -> None:
+    async def _run_next(self, engine: ServingEngine) -> None:
         while not len(self.queue) or self.jobs.draining:
             self._queue_changed.clear()
             await self._queue_changed.wait()
@@ -344,7 +345,7 @@ class GpuWorker:
         embeddings = [e.get("path") for e in data.get("embeddings") or [] if isinstance(e, dict)]
         return any(self.fetcher.is_remote(s) for s in (data.get("image_url"), data.get("mask_url"), *embeddings))
 
-    async def _prepare(self, engine: Any, job: Job) -> _Prepared:
+    async def _prepare(self, engine: ServingEngine, job: Job) -> _Prepared:
         started = time.perf_counter()
         data = job.input
         try:

@@ -352,3 +352,23 @@ def test_an_older_sqlite_store_gets_the_new_columns(tmp_path: Path) -> None:
         assert job.id == "old" and job.batch_key == "" and job.rows == 1 and job.worker == "w"
     finally:
         store.close()
+
+
+def test_submitted_jobs_carry_the_batch_key_and_rows_the_claim_uses() -> None:
+    """Requests that may share a batch get equal keys from their JSON; textual inversions run alone."""
+    from server.inputs import batch_key_of, rows_of
+
+    base = {"num_inference_steps": "4", "strength": 0.95, "image_size": "square_hd", "num_images": 2}
+    lightning = "fal-ai/fast-lightning-sdxl/inpainting"
+    same = batch_key_of(lightning, {**base, "image_size": {"width": 1024, "height": 1024}}, "b")
+    assert batch_key_of(lightning, base, "a") == same
+    others = [
+        batch_key_of(lightning, {**base, "num_inference_steps": "2"}, "a"),
+        batch_key_of(lightning, {**base, "strength": 0.5}, "a"),
+        batch_key_of(lightning, {**base, "image_size": "square"}, "a"),
+        batch_key_of("fal-ai/hyper-sdxl/inpainting", base, "a"),
+    ]
+    assert len({same, *others}) == 5
+    with_ti = {**base, "embeddings": [{"path": "https://x/ti.safetensors"}]}
+    assert batch_key_of(lightning, with_ti, "a") != batch_key_of(lightning, with_ti, "b")
+    assert [rows_of(base), rows_of({}), rows_of({"num_images": "x"})] == [2, 1, 1]
