@@ -356,7 +356,7 @@ class JobService:
             try:
                 self.store.save(job, webhook)
             except StoreUnavailable:
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)
                 continue
             if webhook is not None:
                 self.webhooks.wake()

@@ -80,7 +80,7 @@ class PostgresStore(JobStore):
         try:
             with self._pool.connection(timeout=self.GET_TIMEOUT_S) as conn, conn.transaction():
                 yield _PgDb(conn)
-        except (psycopg.OperationalError, PoolTimeout) as exc:
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:  # the link, not the SQL
             self._down_reason = f"PostgreSQL is unavailable: {exc}".strip()
             self._down_until = time.monotonic() + self.DOWN_RETRY_S
             raise StoreUnavailable(self._down_reason) from exc
