@@ -37,27 +37,14 @@ from tests.api.queue_ops import (
     wait_all_completed,
     wait_status,
 )
-from tests.live import SUBPROCESS_ENV, GatedEngine, LiveServer, ServerProcess
+from tests.live import GatedEngine, LiveServer, ServerProcess
 
-SERVER_ARGS = ["--models", "tiny", "--app", "fast-lightning-sdxl:4"]
-SERVER_ENV = SUBPROCESS_ENV
 ABANDONED = "The server shut down before this request finished"
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    procs: list[ServerProcess] = []
-
-    def start(data_dir: Path, **env: str) -> ServerProcess:
-        proc = ServerProcess(
-            [*SERVER_ARGS, "--data-dir", str(data_dir)], env={**SERVER_ENV, **env}, log=tmp_path / "server.log"
-        )
-        procs.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in procs:
-        proc.stop()
+def spawn(serve_tiny: Callable[..., ServerProcess]) -> Callable[..., ServerProcess]:
+    return serve_tiny
 
 
 def stored(data_dir: Path, ids: list[str]) -> dict[str, Job]:

@@ -37,34 +37,16 @@ from tests.api.queue_ops import (
     wait_all_completed,
     wait_status,
 )
-from tests.live import LOOPBACK, SUBPROCESS_ENV, ServerProcess
+from tests.live import LOOPBACK, ServerProcess
 from tests.webhook_receiver import HANG, WebhookReceiver
 
-# Only the variant the tests use, to start fast (see SUBPROCESS_ENV for the rest).
-SERVER_ENV = {
-    **SUBPROCESS_ENV,
-    "INPAINT_APPS": "fast-lightning-sdxl:4",
-    "INPAINT_FETCH_ALLOW": ",".join(LOOPBACK),  # the webhook receiver listens on 127.0.0.1
-}
+SERVER_ENV = {"INPAINT_FETCH_ALLOW": ",".join(LOOPBACK)}  # the webhook receiver listens on 127.0.0.1
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Start ``inpaint-server serve --models tiny`` on a data directory; all are stopped at the end."""
-    procs: list[ServerProcess] = []
-
-    def start(data_dir: Path, **env: str) -> ServerProcess:
-        proc = ServerProcess(
-            ["--models", "tiny", "--data-dir", str(data_dir)],
-            env={**SERVER_ENV, **env},
-            log=tmp_path / "server.log",
-        )
-        procs.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in procs:
-        proc.stop()
+def spawn(serve_tiny: Callable[..., ServerProcess]) -> Callable[..., ServerProcess]:
+    """``serve_tiny`` with the webhook receiver's loopback address allowed."""
+    return lambda data_dir, **env: serve_tiny(data_dir, **{**SERVER_ENV, **env})
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -21,9 +21,8 @@ import pytest
 
 from pipelines.tiny import tiny_cache_dir
 from tests.api.queue_ops import APP, inpaint_input, status, submit, wait_all_completed, wait_status
-from tests.live import SUBPROCESS_ENV, ServerProcess
+from tests.live import ServerProcess
 
-SERVER_ENV = {**SUBPROCESS_ENV, "INPAINT_APPS": "fast-lightning-sdxl:4"}
 HOLD = json.dumps(
     [
         {"at": "denoise_step", "fault": "hang", "seconds": 8, "prompt": "hold on", "times": 1},
@@ -33,21 +32,8 @@ HOLD = json.dumps(
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    procs: list[ServerProcess] = []
-
-    def start(data_dir: Path, store: str, **env: str) -> ServerProcess:
-        proc = ServerProcess(
-            ["--models", "tiny", "--data-dir", str(data_dir), "--store", store],
-            env={**SERVER_ENV, **env},
-            log=tmp_path / "server.log",
-        )
-        procs.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in procs:
-        proc.stop()
+def spawn(serve_tiny: Callable[..., ServerProcess]) -> Callable[..., ServerProcess]:
+    return lambda data_dir, store, **env: serve_tiny(data_dir, "--store", store, **env)
 
 
 def wait_for_log(log: Path, line: str, timeout: float = 30.0) -> None:

@@ -150,6 +150,24 @@ def _wait_status(url: str, request_id: str, wanted: str, timeout: float = 60) ->
         time.sleep(0.2)
 
 
+def _one_at_a_time(hang_s: float, prompt: str) -> dict[str, str]:
+    """A container's environment: one request per batch, and each step of requests whose prompt has
+    ``prompt`` held ``hang_s`` seconds (a test fault), so the test can act while one runs."""
+    hang = {"at": "denoise_step", "fault": "hang", "seconds": hang_s, "prompt": prompt}
+    return {"INPAINT_TEST_FAULTS": json.dumps(hang), "INPAINT_MAX_BATCH_SIZE": "1"}
+
+
+def _start_one(
+    box: Container, connect: Callable[[str], fal_client.SyncClient], seed: int, prompt: str
+) -> tuple[fal_client.SyncClient, str]:
+    """Wait for ``box`` to be ready, submit one request and wait until it runs: (client, its id)."""
+    box.wait_ready()
+    client = connect(box.url)
+    request_id = client.submit(LIGHTNING, arguments=_arguments(seed, prompt=prompt)).request_id
+    _wait_status(box.url, request_id, "IN_PROGRESS")
+    return client, request_id
+
+
 def _assert_done(client: fal_client.SyncClient, request_ids: dict[str, int]) -> None:
     """Every acknowledged request completed with its own seed and an image of the size asked for."""
     for request_id, seed in request_ids.items():
@@ -236,16 +254,10 @@ def test_sigkill_then_new_container_completes_everything_acknowledged(
 ) -> None:
     """``podman kill`` (SIGKILL) with one request running and more queued; a new container on the same
     volume runs them all, the interrupted one again with its own seed."""
-    hold = json.dumps({"at": "denoise_step", "fault": "hang", "seconds": 600, "prompt": "hold"})
-    first = Container(
-        podman, image, secrets, "inpaint-killed", env={"INPAINT_TEST_FAULTS": hold, "INPAINT_MAX_BATCH_SIZE": "1"}
-    )
+    first = Container(podman, image, secrets, "inpaint-killed", env=_one_at_a_time(hang_s=600, prompt="hold"))
     second = None
     try:
-        first.wait_ready()
-        client = connect(first.url)
-        running = client.submit(LIGHTNING, arguments=_arguments(100, prompt="hold this one")).request_id
-        _wait_status(first.url, running, "IN_PROGRESS")
+        client, running = _start_one(first, connect, seed=100, prompt="hold this one")
         acknowledged = {running: 100}
         for seed in range(101, 106):
             acknowledged[client.submit(LIGHTNING, arguments=_arguments(seed)).request_id] = seed
@@ -273,16 +285,10 @@ def test_stop_drains_and_exits_zero(
 ) -> None:
     """``podman stop`` (SIGTERM, the container's 45 s stop timeout): the running request finishes and is
     saved, queued ones stay queued for the next container, and the server exits 0 well within the timeout."""
-    slow = json.dumps({"at": "denoise_step", "fault": "hang", "seconds": 2, "prompt": "slow"})
-    first = Container(
-        podman, image, secrets, "inpaint-stopped", env={"INPAINT_TEST_FAULTS": slow, "INPAINT_MAX_BATCH_SIZE": "1"}
-    )
+    first = Container(podman, image, secrets, "inpaint-stopped", env=_one_at_a_time(hang_s=2, prompt="slow"))
     second = None
     try:
-        first.wait_ready()
-        client = connect(first.url)
-        running = client.submit(LIGHTNING, arguments=_arguments(200, prompt="slow steps")).request_id
-        _wait_status(first.url, running, "IN_PROGRESS")
+        client, running = _start_one(first, connect, seed=200, prompt="slow steps")
         queued = {client.submit(LIGHTNING, arguments=_arguments(seed)).request_id: seed for seed in (201, 202)}
 
         started = time.monotonic()
