@@ -82,6 +82,7 @@ class JobService:
         self.finished: OrderedDict[str, Job] = OrderedDict()
         self.inline_results = InlineResults()
         self._tasks: list[asyncio.Task] = []
+        self._saving: set[asyncio.Task] = set()  # terminal states waiting for the store to come back
         self._seq = store.next_seq()
         self.draining = False  # SIGTERM: no new work; see drain()
         # The GPU lane; ``exit_process`` ends the process after a GPU fault (replaced in in-process tests).
@@ -99,9 +100,10 @@ class JobService:
 
     async def stop(self) -> None:
         lookahead = self.worker.lookahead_tasks()
-        for task in [*self._tasks, *lookahead]:
+        pending = [*self._tasks, *lookahead, *self._saving]  # an unsaved outcome re-runs after the restart
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self._tasks, *lookahead, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         if self.worker.finalizers:
             await asyncio.gather(*self.worker.finalizers, return_exceptions=True)
         await self.fetcher.close()
@@ -336,7 +338,9 @@ class JobService:
             self.store.save(job, webhook)
         except StoreUnavailable as exc:  # keep the outcome in memory and write it when the store is back
             log.warning("request %s %s, but the job store is unavailable; saving it later: %s", job.id, state, exc)
-            self._tasks.append(asyncio.create_task(self._save_when_back(job, webhook), name=f"save-{job.id}"))
+            task = asyncio.create_task(self._save_when_back(job, webhook), name=f"save-{job.id}")
+            self._saving.add(task)
+            task.add_done_callback(self._saving.discard)
         if webhook is not None:
             self.webhooks.wake()
         self.active.pop(job.id, None)
