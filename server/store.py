@@ -147,6 +147,8 @@ _COLUMNS = [
 ]
 _SELECT = ", ".join(_COLUMNS)
 _QUEUED, _RUNNING = JobState.QUEUED.value, JobState.RUNNING.value
+_UPDATED = [c for c in _COLUMNS if c not in ("id", "input")]  # the input never changes: written once
+_UPDATE = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _UPDATED)} WHERE id = ?"
 
 
 @dataclass
@@ -261,10 +263,7 @@ class JobStore(ABC):
         With ``holder``, only if that worker still holds the job's lease: False (nothing written) when the
         lease was lost and the job went back to the queue or to another worker.
         """
-        values = _row(job)
-        cols = [c for c in _COLUMNS if c not in ("id", "input")]  # the input never changes: written once
-        sql = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?"
-        params = [values[c] for c in cols] + [job.id]
+        sql, params = _UPDATE, _update_params(job)
         if holder is not None:
             sql += " AND worker = ? AND state = ?"
             params += [holder, _RUNNING]
@@ -283,14 +282,8 @@ class JobStore(ABC):
 
     def save_many(self, jobs: Sequence[Job]) -> None:
         """Write several jobs in one transaction (a batch starting): all or none."""
-        cols = [c for c in _COLUMNS if c not in ("id", "input")]
-        sql = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?"
-        rows = []
-        for job in jobs:
-            values = _row(job)
-            rows.append([values[c] for c in cols] + [job.id])
         with self._tx() as db:
-            db.many(sql, rows)
+            db.many(_UPDATE, [_update_params(job) for job in jobs])
 
     def get(self, job_id: str) -> Job | None:
         with self._read() as db:
@@ -585,6 +578,12 @@ def open_store(url: str | None, data_dir: Path) -> JobStore:
 
         return PostgresStore(url)
     raise ValueError(f"unknown store {url!r}: expected sqlite:///PATH or postgresql://...")
+
+
+def _update_params(job: Job) -> list[Any]:
+    """``_UPDATE``'s parameters for ``job``."""
+    values = _row(job)
+    return [values[c] for c in _UPDATED] + [job.id]
 
 
 def _row(job: Job) -> dict[str, Any]:
