@@ -9,7 +9,7 @@
 #   BASE_IMAGE         any Debian or Ubuntu image; Python >= 3.11 and tini are installed when missing
 #   TORCH_REQUIREMENT  what pip installs first, on its own layer (default torch==2.13.0)
 #   TORCH_INDEX_URL    an index for torch only, e.g. https://download.pytorch.org/whl/cpu or .../cu128
-#   EXTRAS             the project's extras (default gpu,fp8,postgres: GPU JPEG, FP8, the PostgreSQL store)
+#   EXTRAS             the project's extras (default gpu,fp8,postgres,s3: GPU JPEG, FP8, the PostgreSQL store, S3 files)
 # e.g. docker build --build-arg BASE_IMAGE=debian:bookworm-slim --build-arg EXTRAS= \
 #        --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t inpaint-server:cpu .
 # A private package mirror: mount a pip.conf (podman build -v ./pip.conf:/etc/pip.conf:ro, or a BuildKit
@@ -19,7 +19,7 @@ FROM ${BASE_IMAGE}
 
 ARG TORCH_REQUIREMENT="torch==2.13.0"
 ARG TORCH_INDEX_URL=""
-ARG EXTRAS="gpu,fp8,postgres"
+ARG EXTRAS="gpu,fp8,postgres,s3"
 ARG UID=10001
 
 LABEL org.opencontainers.image.title="inpaint-server" \

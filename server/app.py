@@ -6,17 +6,21 @@ engine in the background (``/health/ready`` is 503 until it is loaded and warm).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -24,22 +28,25 @@ from starlette.middleware.cors import CORSMiddleware
 from pipelines.specs import load_serving_spec
 
 from . import __version__
-from .api import fal_router
-from .auth import KeyAuth
-from .engine_host import EngineHost
-from .errors import ERROR_TYPE_HEADER, ApiError, NotFound, StoreDown, error_response
-from .fetch import FetchGuard, HostResolver, resolve_host
-from .files import FileStore
-from .limits import BodyLimit
+from .delivery.file_store import FilesUnavailable, file_response, open_files
+from .delivery.webhooks import WebhookSender, WebhookSigner, new_key_pem
+from .http.auth import KeyAuth
+from .http.errors import ERROR_TYPE_HEADER, ApiError, FilesDown, NotFound, StoreDown, error_response
+from .http.fal_routes import fal_router
+from .http.limits import BodyLimit
+from .http.openapi_responses import JWKS, READY
+from .http.routing import FalRouting
+from .http.upload_routes import UploadTokens, storage_router
+from .inputs.url_guard import FetchGuard, HostResolver, resolve_host
+from .jobs.nodes import Node
+from .jobs.service import JobService
+from .jobs.store import JobStore, StoreUnavailable, open_store
+from .jobs.store.base import NodeRow, this_host
+from .jobs.supervisor import WorkerSupervisor
 from .metrics import Metrics
 from .redact import public_message
-from .responses import JWKS, READY
-from .routing import FalRouting
-from .service import JobService
 from .settings import Settings
-from .storage import UploadTokens, storage_router
-from .store import StoreUnavailable, open_store
-from .webhooks import WebhookSender, WebhookSigner
+from .worker_app import build_gpu_lane
 
 log = logging.getLogger("inpaint-server")
 
@@ -70,24 +77,26 @@ def create_app(
     fetch_resolver: HostResolver | None = None,
     exit_process: Callable[[int], None] | None = None,
 ) -> FastAPI:
-    """The server. Give ``engine`` (loaded) or ``engine_loader`` (called on a thread at start);
-    with neither, the engine is loaded from ``settings`` (``models``, ``device``, ``apps``...).
-    ``fetch_resolver`` replaces DNS for user URLs (tests: fake names, DNS rebinding).
-    ``exit_process(status)`` ends the process after a GPU fault (default ``os._exit``; tests record it)."""
+    """The server (an API node). Its GPU worker runs in this process when ``engine`` (loaded) or
+    ``engine_loader`` (called on a thread at start) is given, or by default (loaded from ``settings``:
+    ``models``, ``device``, ``apps``...); ``devices`` or ``workers`` start worker processes instead, and
+    ``workers = 0`` none (they run elsewhere: ``inpaint-server worker``). ``fetch_resolver`` replaces DNS for
+    user URLs (tests: fake names, DNS rebinding). ``exit_process(status)`` ends the process after a GPU fault
+    (default ``os._exit``; tests record it)."""
     spec = load_serving_spec(settings.config_dir, settings.model_paths)
     apps = list(spec.apps.values())
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.store, data_dir)
-    files = FileStore(data_dir)
+    files = open_files(settings.files, data_dir)
     metrics = Metrics()
     auth = KeyAuth(settings.api_keys)
-    signer = None
-    if settings.webhook_signing:
-        signer = WebhookSigner(settings.webhook_key_file or data_dir / "webhook-ed25519.pem")
     fetch_guard = FetchGuard(
         settings.fetch_allow, fetch_resolver or resolve_host, resolve_timeout_s=settings.fetch_connect_timeout_s
     )
+    embedded = engine is not None or engine_loader is not None or settings.embedded_worker
+    node = Node(store, settings.node_name or this_host(), "api+worker" if embedded else "api", settings.lease_s, clock)
+    signer = _webhook_signer(settings, store) if settings.webhook_signing else None
     webhooks = WebhookSender(
         store,
         metrics,
@@ -99,29 +108,52 @@ def create_app(
         clock=clock,
         transport=webhook_transport,
         guard=fetch_guard,
+        claimant=node.id,
     )
-    if engine is None and engine_loader is None:
-        engine_loader = _default_loader(settings)
-    host = EngineHost(engine=engine, loader=engine_loader, warmup=settings.warmup, warmup_sizes=settings.warmup_sizes)
-    service = JobService(
-        settings, store, files, host, metrics, webhooks, clock=clock, fetch_guard=fetch_guard, exit_process=exit_process
-    )
+    host = worker = supervisor = lane = None
+    if embedded:
+        lane = build_gpu_lane(
+            settings, store, files, metrics, node, clock, fetch_guard, engine, engine_loader, exit_process
+        )
+        host, worker = lane.host, lane.worker
+        node.row.device = settings.device
+    elif settings.workers != 0:
+        supervisor = WorkerSupervisor(settings, node.row.name)
+    service = JobService(settings, store, files, metrics, webhooks, node, clock, fetch_guard, worker, host)
+    if lane is not None:
+        lane.leases.on_terminal = service.terminal_written
+        node.state_of = lambda: "draining" if service.draining else host.state
+    else:
+        node.state_of = lambda: "draining" if service.draining else "ready"
+    metrics.export_workers(store.nodes, settings.lease_s)
+    store.subscribe(webhooks.wake_threadsafe)  # a terminal state another node wrote may carry a webhook
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not auth.enabled:
             log.warning("no API keys configured: anyone who can reach this port can use the server (set --api-key)")
-        host.start()
+        if host is not None:
+            host.start()
+        node.register()
         await service.start()
         webhooks.start()
+        heartbeat = asyncio.create_task(node.run(), name="heartbeat")
+        if supervisor is not None:
+            supervisor.start()
         await _prime_routes(app)
         try:
             yield
         finally:
-            host.stop()
+            if supervisor is not None:
+                await supervisor.stop()
+            if host is not None:
+                host.stop()
             await service.stop()
             await webhooks.stop()
+            heartbeat.cancel()
+            node.deregister()
             store.close()
+            files.close()
 
     app = FastAPI(
         title="inpaint-server",
@@ -133,14 +165,20 @@ def create_app(
     app.state.settings = settings
     app.state.service = service
     app.state.store = store
+    app.state.files = files
     app.state.host = host
+    app.state.node = node
     app.state.metrics = metrics
     app.state.webhooks = webhooks
+    app.state.supervisor = supervisor
 
-    # Called on SIGTERM by `inpaint-server serve` (server.draining.DrainingServer) before uvicorn shuts down.
-    def drain() -> Any:
-        host.stop()  # no more background warm-up: the GPU finishes the running batch and stops
-        return service.drain(settings.drain_grace_s)
+    # Called on SIGTERM by `inpaint-server serve` (server.http.draining.DrainingServer) before uvicorn shuts down.
+    async def drain() -> bool:
+        if host is not None:
+            host.stop()  # no more background warm-up: the GPU finishes the running batch and stops
+        if supervisor is not None:
+            supervisor.drain()
+        return await service.drain(settings.drain_grace_s)
 
     app.state.drain = drain
 
@@ -154,46 +192,21 @@ def create_app(
         return f"{request.url.scheme}://{host_header}"
 
     _install_error_handlers(app)
-
-    @app.get("/health/live", tags=["operations"])
-    async def live() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/health/ready", tags=["operations"], responses=READY)
-    async def ready() -> JSONResponse:
-        metrics.ready.set(1 if host.ready and not service.draining else 0)
-        if service.draining:
-            return JSONResponse({"status": "draining", "detail": "the server is shutting down"}, status_code=503)
-        if host.ready:
-            body: dict[str, Any] = {"status": "ready"}
-            if host.warming_later:  # other sizes still being warmed: they run, a little slower until done
-                body["warming"] = {"runs_left": host.warming_later}
-            return JSONResponse(body)
-        body = {"status": host.state, "detail": public_message(host.error or f"models are {host.state}")}
-        return JSONResponse(body, status_code=503)
-
-    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
-    async def prometheus() -> Response:
-        metrics.ready.set(1 if host.ready and not service.draining else 0)
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/.well-known/jwks.json", tags=["operations"], responses=JWKS)
-    async def jwks() -> dict[str, Any]:
-        if signer is None:
-            raise NotFound("webhook signing is off")
-        return signer.jwks()
+    _add_operations(app, service, signer)
 
     @app.get("/files/{request_id}/{name}", include_in_schema=False)
-    async def result_file(request_id: str, name: str) -> FileResponse:
-        path = files.served_result(request_id, name)  # symlinks resolved: only files the server wrote there
+    async def result_file(request_id: str, name: str) -> Response:
         media = IMAGE_TYPES.get(name.rpartition(".")[2].lower())
-        if path is None or media is None:
+        if media is None:
             raise NotFound("no such file")
         if not service.files_live(request_id, name):
-            raise NotFound("no such file (expired)")
-        return FileResponse(path, media_type=media, headers={"X-Content-Type-Options": "nosniff"})
+            raise NotFound("no such file (or expired)")
+        body = await asyncio.to_thread(files.open_result, request_id, name)  # a directory: no symlinks followed
+        if body is None:
+            raise NotFound("no such file")
+        return file_response(body, media, {"X-Content-Type-Options": "nosniff"})
 
-    tokens = UploadTokens(data_dir / "upload-secret.key")
+    tokens = UploadTokens(store.shared_key("upload-tokens", lambda: _legacy_key(data_dir / "upload-secret.key")))
     app.include_router(
         storage_router(
             store, files, tokens, owner_of, base_url_of, settings.upload_max_bytes, settings.result_retention_s, clock
@@ -212,6 +225,85 @@ def create_app(
         expose_headers=CORS_EXPOSE,
     )
     return app
+
+
+def _add_operations(app: FastAPI, service: JobService, signer: WebhookSigner | None) -> None:
+    """``/health/live``, ``/health/ready``, ``/metrics`` and the webhook keys."""
+    host, store, metrics = service.host, service.store, service.metrics
+
+    @app.get("/health/live", tags=["operations"])
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health/ready", tags=["operations"], responses=READY)
+    async def ready() -> JSONResponse:
+        status, body = readiness(service)
+        metrics.ready.set(1 if status == 200 else 0)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        status, _ = readiness(service)
+        metrics.ready.set(1 if status == 200 else 0)
+        with contextlib.suppress(StoreUnavailable):
+            service.update_gauges()
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/.well-known/jwks.json", tags=["operations"], responses=JWKS)
+    async def jwks() -> dict[str, Any]:
+        if signer is None:
+            raise NotFound("webhook signing is off")
+        return signer.jwks()
+
+    del host, store
+
+
+def readiness(service: JobService) -> tuple[int, dict[str, Any]]:
+    """/health/ready: 200 when this node can do its part. An API node: the store answers. With its worker in this
+    process: the models are loaded and warm too. The body lists the workers the store knows."""
+    if service.draining:
+        return 503, {"status": "draining", "detail": "the server is shutting down"}
+    try:
+        service.store.ping()
+        workers = _workers(service)
+    except StoreUnavailable as exc:
+        return 503, {"status": "store_unavailable", "detail": public_message(str(exc))}
+    host = service.host
+    if host is not None and not host.ready:
+        detail = public_message(host.error or f"models are {host.state}")
+        return 503, {"status": host.state, "detail": detail, "workers": workers}
+    body: dict[str, Any] = {"status": "ready", "workers": workers}
+    if host is not None and host.warming_later:  # other sizes still being warmed: they run, a little slower until done
+        body["warming"] = {"runs_left": host.warming_later}
+    return 200, body
+
+
+def _workers(service: JobService) -> list[dict[str, Any]]:
+    now, me = service.clock(), service.node.id
+
+    def state(n: NodeRow) -> str:
+        return service.node.state_of() if n.id == me else n.state
+
+    return [
+        {"name": n.name, "device": n.device, "state": state(n), "host": n.host}
+        for n in service.store.nodes()
+        if n.is_worker and (n.id == me or n.heartbeat_at >= now - service.settings.lease_s)
+    ]
+
+
+def _webhook_signer(settings: Settings, store: JobStore) -> WebhookSigner:
+    """The Ed25519 key webhooks are signed with: ``webhook_key_file`` if set, else the store's (one key for every
+    API node; a key file an earlier version left in the data directory becomes it)."""
+    if settings.webhook_key_file is not None:
+        return WebhookSigner.from_file(settings.webhook_key_file)
+    legacy = settings.data_dir / "webhook-ed25519.pem"
+    pem = store.shared_key("webhook-ed25519", lambda: legacy.read_bytes() if legacy.is_file() else new_key_pem())
+    return WebhookSigner.from_pem(pem, "the job store's webhook key")
+
+
+def _legacy_key(path: Path) -> bytes:
+    """A secret an earlier version kept in the data directory (so its tokens stay valid), or a new one."""
+    return path.read_bytes() if path.is_file() else secrets.token_bytes(32)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -244,6 +336,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
         return StoreDown().response()
 
+    @app.exception_handler(FilesUnavailable)
+    async def files_down(request: Request, exc: FilesUnavailable) -> JSONResponse:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return FilesDown().response()
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -258,11 +355,3 @@ def _jsonable(value: Any) -> Any:
     from fastapi.encoders import jsonable_encoder
 
     return jsonable_encoder(value)
-
-
-def _default_loader(settings: Settings) -> Callable[[], Any]:
-    """Builds the engine the settings describe, in the engine's thread (``pipelines.serving``: torch stays there)."""
-    from pipelines.serving import EngineSettings, build_engine
-
-    config = EngineSettings.of(settings)
-    return lambda: build_engine(config)

@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 from typing import NoReturn
 
-from .image_sizes import parse_image_size
-from .sources import SourceError, read_source
+from .inputs.data_uris import SourceError, read_source
+from .inputs.image_sizes import parse_image_size
 
 PROG = "inpaint-server"
 log = logging.getLogger(PROG)
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--app", action="append", default=None, help="only this app (repeatable; default: all)")
 
     _add_serve(sub)
+    _add_worker(sub)
     _add_health(sub)
 
     mdl = sub.add_parser("models", help="model utilities")
@@ -127,6 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--config-dir", type=Path, default=None)
     return parser
+
+
+def _add_shared(parser: argparse.ArgumentParser) -> None:
+    """The options ``serve`` and ``worker`` share: the store, files, models, batching and logging."""
+    parser.add_argument("--config", type=Path, help="TOML settings file (default $INPAINT_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, help="job store, files, keys (default $INPAINT_DATA_DIR)")
+    parser.add_argument("--store", help="job store: sqlite:///PATH (default DATA_DIR/jobs.sqlite3) or postgresql://...")
+    parser.add_argument(
+        "--files", help="result files and uploads: a shared DIR (default DATA_DIR/files) or s3://BUCKET/PREFIX"
+    )
+    parser.add_argument("--lease-s", type=_float, help="seconds a worker's claim on a batch lasts unless renewed")
+    parser.add_argument("--models", choices=("hub", "tiny"), help="hub (default) or tiny random-weight stand-ins")
+    parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--config-dir", type=Path, help="app configs (default: the bundled configs/)")
+    parser.add_argument("--model-path", dest="model_paths", action="append", type=_key_value, metavar="KEY=PATH")
+    parser.add_argument(
+        "--app", dest="apps", action="append", metavar="APP[:STEPS]", help="load only these (repeatable)"
+    )
+    parser.add_argument("--max-batch-size", type=int, help="most requests per GPU batch (default 4)")
+    parser.add_argument(
+        "--compile",
+        type=_compile_flag,
+        metavar="{true,false,auto}",
+        help="torch.compile the UNet and VAE (default auto: on with CUDA)",
+    )
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -139,28 +166,35 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "environment variable (e.g. INPAINT_PORT) or in a TOML file given with --config.",
         argument_default=hidden,
     )
-    srv.add_argument("--config", type=Path, help="TOML settings file (default $INPAINT_CONFIG)")
+    _add_shared(srv)
     srv.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     srv.add_argument("--port", type=int, help="port (default 8000)")
-    srv.add_argument("--data-dir", type=Path, help="job store, files, keys (default $INPAINT_DATA_DIR)")
-    srv.add_argument("--store", help="job store: sqlite:///PATH (default DATA_DIR/jobs.sqlite3) or postgresql://...")
+    srv.add_argument("--devices", help="one GPU worker process per device: all, or a list such as 0,2 or cuda:0,cuda:1")
+    srv.add_argument(
+        "--workers", type=int, help="GPU worker processes to start (0: an API node only, workers run elsewhere)"
+    )
+    srv.add_argument("--node-name", help="this node's name in the store, metrics and logs (default: the host name)")
     srv.add_argument("--public-url", help="base URL clients reach this server at (default: from each request)")
-    srv.add_argument("--models", choices=("hub", "tiny"), help="hub (default) or tiny random-weight stand-ins")
-    srv.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     srv.add_argument("--api-key", dest="api_keys", action="append", help="accepted API key (repeatable)")
     srv.add_argument("--tls-cert", type=Path, help="PEM certificate chain (serves HTTPS with --tls-key)")
     srv.add_argument("--tls-key", type=Path, help="PEM private key")
-    srv.add_argument("--config-dir", type=Path, help="app configs (default: the bundled configs/)")
-    srv.add_argument("--model-path", dest="model_paths", action="append", type=_key_value, metavar="KEY=PATH")
-    srv.add_argument("--app", dest="apps", action="append", metavar="APP[:STEPS]", help="load only these (repeatable)")
-    srv.add_argument("--max-batch-size", type=int, help="most requests per GPU batch (default 4)")
-    srv.add_argument(
-        "--compile",
-        type=_compile_flag,
-        metavar="{true,false,auto}",
-        help="torch.compile the UNet and VAE (default auto: on with CUDA)",
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    """``worker``: a GPU worker attached to a job store (started by ``serve --devices`` or by an operator)."""
+    wrk = sub.add_parser(
+        "worker",
+        help="run one GPU worker attached to a job store (one per GPU; serve --devices starts them for you)",
+        description="Load the models on one device and run batches from the job store's queue. Settings come "
+        "from the same INPAINT_* variables and config file as serve; --store and --files must be the API nodes'.",
+        argument_default=argparse.SUPPRESS,
     )
-    srv.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    _add_shared(wrk)
+    wrk.add_argument("--node-name", help="this worker's name in the store, metrics and logs (default: HOST/DEVICE)")
+    wrk.add_argument(
+        "--port", dest="worker_port", type=int, help="port for /health and /metrics (default 8001; 0: none)"
+    )
+    wrk.add_argument("--host", help="address the health port listens on (default 127.0.0.1)")
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
@@ -208,10 +242,8 @@ def _compile_flag(text: str) -> bool | None:
     return None if value == "auto" else value == "true"
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import create_app
-    from .connections import slow_client_protocol
-    from .draining import run as run_server
+def _settings_from(args: argparse.Namespace):
+    """The settings a serve or worker command line gives (over INPAINT_* variables and the config file)."""
     from .settings import SettingsError, load_settings
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "verbose")}
@@ -222,6 +254,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         _fail(str(exc), 2)
     logging.getLogger().setLevel(settings.log_level.upper())
+    return settings
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .worker_app import run_worker
+
+    settings = _settings_from(args)
+    _quiet_model_libraries()
+    return run_worker(settings)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import create_app
+    from .http.connections import slow_client_protocol
+    from .http.draining import run as run_server
+
+    settings = _settings_from(args)
+    if settings.embedded_worker:
+        _quiet_model_libraries()  # an API node or a supervisor never imports the model libraries
     app = create_app(settings)
     scheme = settings.scheme
     log.info("listening on %s://%s:%d (data in %s)", scheme, settings.host, settings.port, settings.data_dir)
@@ -252,6 +303,9 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def _quiet_model_libraries() -> None:
     from pipelines.serving import quiet_model_libraries
 
     quiet_model_libraries()
@@ -391,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "verbose", False))
     from pipelines.errors import ConfigError, EngineError, InputError, ModelFileError
 
-    handlers = {"generate": cmd_generate, "download": cmd_download, "serve": cmd_serve}
+    if args.command in ("generate", "download", "models"):
+        _quiet_model_libraries()
+    handlers = {"generate": cmd_generate, "download": cmd_download, "serve": cmd_serve, "worker": cmd_worker}
     handler = cmd_make_tiny if args.command == "models" else handlers[args.command]
     try:
         # Libraries sometimes print; keep stdout for the result alone.

@@ -23,13 +23,23 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from .fetch import parse_allow_entry
+from .inputs.url_guard import parse_allow_entry
 
 ENV_PREFIX = "INPAINT_"
 # A folder of files named after the variables (inpaint_api_keys, ...), each holding one setting's value: how
 # Docker and Kubernetes secrets arrive (/run/secrets in the image). Read after the environment, before the file.
 SECRETS_DIR_ENV = "INPAINT_SECRETS_DIR"
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
+
+
+def device_name(text: str) -> str:
+    """A --devices entry as a torch device name: 2 -> cuda:2; cuda, cuda:1, cpu, all as they are."""
+    text = text.strip().lower()
+    if text.isdigit():
+        return f"cuda:{int(text)}"
+    if text in ("all", "cpu", "cuda") or (text.startswith(("cuda:", "cpu:")) and text.split(":")[1].isdigit()):
+        return text
+    raise ValueError(f"{text!r} is not a device: use all, an index (0), cuda:N or cpu")
 
 
 def default_data_dir() -> Path:
@@ -49,6 +59,45 @@ class Settings(BaseSettings):
         None,
         description="The job store: sqlite:///PATH (default: DATA_DIR/jobs.sqlite3) or "
         "postgresql://USER:PASSWORD@HOST/DB (shared by many hosts; pip install 'inpaint-server[postgres]').",
+    )
+    files: str | None = Field(
+        None,
+        description="Where result files and uploads live: a directory (shared by every node, e.g. NFS, when there "
+        "are several) or an S3-compatible bucket, s3://BUCKET/PREFIX (endpoint and credentials from the usual AWS "
+        "variables: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; pip install "
+        "'inpaint-server[s3]'). Default: under DATA_DIR.",
+    )
+    devices: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="GPUs to serve, one worker process each: 'all' (every CUDA device), or indexes and device names "
+        "such as 0,2 or cuda:1 (cpu entries stand in for GPUs in tests). Default: one worker inside the server "
+        "process, on device.",
+    )
+    workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="GPU worker processes this server starts: 0 makes it an API node only (workers run elsewhere: "
+        "inpaint-server worker). Default: one per entry of devices, or one worker inside the server process.",
+    )
+    node_name: str | None = Field(
+        None,
+        description="This process's name in the job store's node list and metrics (default: the host name, and "
+        "HOST/DEVICE for a worker).",
+    )
+    lease_s: float = Field(
+        30.0,
+        ge=1.0,
+        le=3600.0,
+        description="How long a worker's claim on a running batch lasts unless renewed (every lease_s/3 while it "
+        "runs). A worker gone for longer (killed, cut off) loses its batch to another worker, which runs it again "
+        "with the same seeds; on one host a dead worker's batch is taken back at once.",
+    )
+    worker_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="inpaint-server worker: port of its /health/live, /health/ready and /metrics (0: none).",
     )
     public_url: str | None = Field(
         None,
@@ -253,7 +302,7 @@ class Settings(BaseSettings):
     @field_validator("warmup_sizes", mode="before")
     @classmethod
     def _parse_sizes(cls, value: Any) -> Any:
-        from .image_sizes import parse_image_size
+        from .inputs.image_sizes import parse_image_size
 
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
@@ -282,6 +331,28 @@ class Settings(BaseSettings):
                 raise ValueError("API keys must be printable ASCII without spaces")
         return value
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _parse_devices(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            if not value:
+                return None
+            if value != ["all"] and "all" in value:
+                raise ValueError("'all' stands alone, e.g. --devices all or --devices 0,2")
+            return [device_name(str(v)) for v in value]
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _files_url(cls, value: str | None) -> str | None:
+        if value and value.startswith("s3:") and not value.startswith("s3://"):
+            raise ValueError("expected s3://BUCKET/PREFIX or a directory")
+        if value and value.startswith("s3://") and not value.removeprefix("s3://").split("/")[0]:
+            raise ValueError("s3:// needs a bucket: s3://BUCKET/PREFIX")
+        return value or None
+
     @field_validator("store")
     @classmethod
     def _store_url(cls, value: str | None) -> str | None:
@@ -306,6 +377,20 @@ class Settings(BaseSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
         return self
+
+    @model_validator(mode="after")
+    def _workers_and_devices(self) -> Settings:
+        if self.devices and self.devices != ["all"] and self.workers not in (None, len(self.devices)):
+            raise ValueError(
+                f"workers={self.workers} but devices names {len(self.devices)}: give one of them "
+                "(workers 0 with devices makes no sense either)"
+            )
+        return self
+
+    @property
+    def embedded_worker(self) -> bool:
+        """Whether the GPU worker runs inside the server process (the default) rather than as processes of its own."""
+        return self.devices is None and self.workers is None
 
     @property
     def scheme(self) -> str:
@@ -336,6 +421,11 @@ CLI_FLAGS = {
     "port": "--port",
     "data_dir": "--data-dir",
     "store": "--store",
+    "files": "--files",
+    "devices": "--devices",
+    "workers": "--workers",
+    "node_name": "--node-name",
+    "lease_s": "--lease-s",
     "public_url": "--public-url",
     "models": "--models",
     "device": "--device",

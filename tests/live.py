@@ -96,11 +96,18 @@ SUBPROCESS_ENV = {"INPAINT_WARMUP": "false", "INPAINT_MAX_BATCH_SIZE": "1", "OMP
 
 
 class ServerProcess:
-    """``inpaint-server serve`` as a child process (for restarts and ``kill -9``)."""
+    """``inpaint-server serve`` (or ``worker``: ``command``) as a child process (for restarts and ``kill -9``)."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None) -> None:
-        self.port = free_port()
-        self.args = ["serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        command: str = "serve",
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.args = [command, "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
         self.log = log
         self.proc: subprocess.Popen | None = None
@@ -116,6 +123,11 @@ class ServerProcess:
         )
         wait_ready(self.url, ready_timeout)
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def kill9(self) -> None:
         assert self.proc is not None

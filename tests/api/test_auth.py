@@ -88,7 +88,7 @@ def test_keys_are_compared_in_constant_time_on_bytes_against_every_key(monkeypat
     """S13: hmac.compare_digest on bytes, and every configured key is compared (no early exit)."""
     import hmac
 
-    from server import auth
+    from server.http import auth
 
     calls: list[tuple[type, type]] = []
     real = hmac.compare_digest

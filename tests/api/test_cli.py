@@ -149,7 +149,7 @@ def test_serve_compile_flag_reaches_the_settings(monkeypatch) -> None:
 
     seen: list[object] = []
     monkeypatch.setattr("server.app.create_app", lambda settings: seen.append(settings.compile) or object())
-    monkeypatch.setattr("server.draining.run", lambda app, **kwargs: None)
+    monkeypatch.setattr("server.http.draining.run", lambda app, **kwargs: None)
     for word, value in (("true", True), ("false", False), ("auto", None), ("FALSE", False)):
         assert cli.main(["serve", "--compile", word]) == 0
         assert seen[-1] is value

@@ -6,7 +6,7 @@ queued in the store for the next start, and the process exits 0. A batch still r
 period ends stays ``running`` in the store and runs again after the restart.
 
 The first tests send a real SIGTERM to ``inpaint-server serve --models tiny``; the in-process ones drive
-the same :class:`server.draining.DrainingServer` over a held engine, to check each step without timing.
+the same :class:`server.http.draining.DrainingServer` over a held engine, to check each step without timing.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.draining import DrainingServer
-from server.jobs import Job, JobState
+from server.http.draining import DrainingServer
+from server.jobs.job import Job, JobState
+from server.jobs.store.sqlite import SqliteStore
 from server.settings import load_settings
-from server.store import SqliteStore
 from tests.api.queue_ops import (
     APP,
     BIG,
@@ -136,7 +136,7 @@ def test_a_job_longer_than_the_grace_period_runs_again_after_the_restart(
     with httpx.Client(base_url=restarted.url, timeout=30) as client:
         body = wait_all_completed(client, [running_id])[running_id]
         assert "error" not in body, body
-        assert "Interrupted by a server restart; running again (attempt 2)" in messages(body)
+        assert "Interrupted: its worker stopped; running again (attempt 2)" in messages(body)
         assert result(client, running_id)["seed"] == row.seed
     restarted.stop()
     assert stored(data_dir, [running_id])[running_id].attempts == 2
@@ -196,7 +196,8 @@ def test_drain_refuses_new_work_answers_waiting_sync_runs_and_lets_the_batch_fin
         )
         waiting_sync.start()
         deadline = time.monotonic() + 10
-        while server.app.state.service.queue.position(queued_id) is None or len(server.app.state.service.queue) < 2:
+        store = server.app.state.store
+        while store.position(queued_id) is None or store.queued_count() < 2:
             assert time.monotonic() < deadline, "the synchronous run was never queued"
             time.sleep(0.01)
 

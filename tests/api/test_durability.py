@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server.jobs import Job, JobState
-from server.schemas import input_model
-from server.store import SqliteStore
+from server.http.schemas import input_model
+from server.jobs.job import Job, JobState
+from server.jobs.store.sqlite import SqliteStore
 from tests.api.fal_wire import FakeClock
 from tests.api.queue_ops import (
     APP,
@@ -133,7 +133,7 @@ def test_kill9_loses_no_acknowledged_job_and_reruns_the_interrupted_one(
         assert starts == sorted(starts)
 
         messages = [entry["message"] for entry in bodies[big_id]["logs"]]
-        assert "Interrupted by a server restart; running again (attempt 2)" in messages
+        assert "Interrupted: its worker stopped; running again (attempt 2)" in messages
         big_output = result(client, big_id)
         assert big_output["seed"] == big_row.seed
         for job_id, seed in acked:
@@ -190,7 +190,7 @@ def test_job_killed_max_attempts_times_fails_as_interrupted_and_others_still_run
     sync_answer: list[Any] = []
     with httpx.Client(base_url=second.url, timeout=30) as client:
         body = wait_status(client, big_id, "IN_PROGRESS")
-        assert "Interrupted by a server restart; running again (attempt 2)" in [e["message"] for e in body["logs"]]
+        assert "Interrupted: its worker stopped; running again (attempt 2)" in [e["message"] for e in body["logs"]]
 
         def run_sync() -> None:
             try:
@@ -288,7 +288,7 @@ def test_recover_requeues_or_fails_what_a_crash_left_running(
 
             assert "error" not in bodies["once"] and "error" not in bodies["queued"]
             once_logs = [entry["message"] for entry in bodies["once"]["logs"]]
-            assert "Interrupted by a server restart; running again (attempt 2)" in once_logs
+            assert "Interrupted: its worker stopped; running again (attempt 2)" in once_logs
             assert result(client, ids["once"])["seed"] == 4242  # the seed it was stored with
             assert last_start(bodies["once"]) < last_start(bodies["queued"])
 

@@ -27,10 +27,10 @@ import pytest
 
 from pipelines.fault_injection import ENV_VAR, FaultInjector, FaultPoint
 from server.app import create_app
-from server.gpu_exit import EXIT_GPU_FAULT
-from server.jobs import Job, JobState
+from server.jobs.gpu_exit import EXIT_GPU_FAULT
+from server.jobs.job import Job, JobState
+from server.jobs.store.sqlite import SqliteStore
 from server.settings import load_settings
-from server.store import SqliteStore
 from tests.api.queue_ops import (
     image_bytes,
     requests_url,
@@ -216,7 +216,7 @@ def test_watchdog_marks_the_server_not_ready_and_leaves_the_job_for_the_restart(
     with httpx.Client(base_url=restarted.url, timeout=30) as client:
         bodies = wait_all_completed(client, [stuck, queued, late])
         assert all("error" not in body for body in bodies.values()), bodies
-        assert "Interrupted by a server restart; running again (attempt 2)" in _messages(bodies[stuck])
+        assert "Interrupted: its worker stopped; running again (attempt 2)" in _messages(bodies[stuck])
         assert result(client, stuck)["seed"] == 8
     assert exits_after == []
 
@@ -323,7 +323,7 @@ def test_gpu_faults_end_the_process_and_restarts_rerun_or_quarantine_the_jobs(
     with httpx.Client(base_url=third.url, timeout=30) as client:
         bodies = wait_all_completed(client, [victim, poison, other])
         assert "error" not in bodies[victim], bodies[victim]
-        assert "Interrupted by a server restart; running again (attempt 2)" in _messages(bodies[victim])
+        assert "Interrupted: its worker stopped; running again (attempt 2)" in _messages(bodies[victim])
         assert result(client, victim)["seed"] == 2
         assert bodies[poison]["error_type"] == "interrupted" and "2 times" in bodies[poison]["error"]
         assert client.get(requests_url(poison)).status_code == 500

@@ -67,7 +67,9 @@ def test_ready_is_503_until_the_engine_is_loaded(engine, tmp_path: Path) -> None
             assert status(client, HYPER, rid).json()["status"] == "IN_QUEUE"
             loaded.set()
             poll_until(lambda: client.get("/health/ready").status_code == 200, what="readiness")
-            assert client.get("/health/ready").json() == {"status": "ready"}
+            body = client.get("/health/ready").json()
+            assert body["status"] == "ready"
+            assert [(w["state"], w["device"]) for w in body["workers"]] == [("ready", None)]  # the embedded worker
             assert gauge(client, "inpaint_ready") == 1
             assert "error" not in wait_for(client, HYPER, rid)
     finally:
@@ -298,8 +300,8 @@ def test_warm_up_runs_each_variant_then_each_served_size_on_cuda(engine) -> None
     """R18 without compiling: every variant once, then on CUDA every image_size preset once (with the
     fewest-steps variant), all before ready; on CPU the variants only."""
     from pipelines.warmup import run_units
-    from server.engine_host import warmup_plan
-    from server.image_sizes import PRESETS
+    from server.inputs.image_sizes import PRESETS
+    from server.jobs.engine_host import warmup_plan
 
     on_cpu, on_cuda = _recorder(engine, "cpu"), _recorder(engine, "cuda")
     for recorder in (on_cpu, on_cuda):
@@ -319,7 +321,7 @@ def test_a_compiled_engine_warms_the_default_size_before_ready_and_the_others_af
     2, 4 and 8 before ready (compiling the shared graphs, recording each variant's CUDA graphs, the 1-step
     variants included); every other size comes after, in the background. No useless 64x64 pass."""
     from pipelines.warmup import run_units
-    from server.engine_host import warmup_plan
+    from server.jobs.engine_host import warmup_plan
 
     compiled = _recorder(engine, "cuda", compiled=True)
     plan = warmup_plan(compiled, [(768, 1024), (1024, 1024)])

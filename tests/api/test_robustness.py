@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 
 import httpx
 import pytest
 
-from server import results as results_module
+from server.delivery.webhooks import WebhookSender
+from server.jobs.store.sqlite import SqliteStore
 from server.metrics import Metrics
-from server.store import SqliteStore
-from server.webhooks import WebhookSender
 from tests.api.fal_wire import HYPER, LIGHTNING, client_for, endpoint, inpaint_input, submit, wait_for
 
 
@@ -76,37 +76,35 @@ def test_queue_host_serves_its_own_file_urls_and_operations(make_server) -> None
         assert client.get("/metrics").status_code == 200
 
 
-def test_memory_keeps_no_inline_data_after_decoding_but_the_store_keeps_the_input(make_server) -> None:
+def test_the_api_process_holds_no_input_data_the_store_keeps_it(make_server) -> None:
     server = make_server()
     service = server.app.state.service
     with client_for(server) as client:
         rid = submit(client)["request_id"]
         wait_for(client, LIGHTNING, rid)
-    in_memory = service.finished[rid].input
-    assert in_memory["image_url"] == f"<data URI, {len(inpaint_input()['image_url'])} characters>"
-    stored = server.app.state.store.get(rid).input
-    assert stored["image_url"] == inpaint_input()["image_url"]  # what a re-run after a restart needs
+    assert "data:" not in json.dumps(service.finished[rid].input)  # what status polls answer from: no data URIs
+    stored = server.app.state.store.get(rid, with_input=True).input
+    assert stored["image_url"] == inpaint_input()["image_url"]  # what a run on another worker needs
 
 
-def test_sync_run_keeps_no_inline_result_and_queue_results_stay_under_a_byte_budget(make_server, monkeypatch) -> None:
+def test_a_sync_run_keeps_no_inline_result_and_a_queued_one_keeps_it_until_retention(make_server) -> None:
     server = make_server()
-    service = server.app.state.service
+    store = server.app.state.store
     with client_for(server) as client:
         response = client.post(f"/{HYPER}", json=inpaint_input(sync_mode=True))
         assert response.status_code == 200 and response.json()["images"][0]["url"].startswith("data:image/jpeg")
-        assert not service.inline_results  # returned to its caller; nothing held
-
-        first = submit(client, HYPER, sync_mode=True)["request_id"]
-        wait_for(client, HYPER, first)
-        size = service.inline_results[first][0]
-        monkeypatch.setattr(results_module, "INLINE_BUDGET", size + 1)
-        second = submit(client, HYPER, sync_mode=True)["request_id"]
-        wait_for(client, HYPER, second)
+        ran = response.headers["x-fal-request-id"]
+        assert store.result(ran) is None and store.get(ran).files == []  # returned to its caller; nothing held
         base = f"/queue/{endpoint(HYPER)}/requests"
-        assert client.get(f"{base}/{second}").status_code == 200
-        dropped = client.get(f"{base}/{first}")
-        assert dropped.status_code == 404 and "sync_mode" in dropped.json()["detail"]
-        assert list(service.inline_results) == [second]
+        gone = client.get(f"{base}/{ran}")
+        assert gone.status_code == 404 and "sync_mode" in gone.json()["detail"]
+
+        queued = submit(client, HYPER, sync_mode=True)["request_id"]
+        wait_for(client, HYPER, queued)
+        first, again = client.get(f"{base}/{queued}"), client.get(f"{base}/{queued}")  # any node, any number of times
+        assert first.status_code == again.status_code == 200 and first.json() == again.json()
+        assert first.json()["images"][0]["url"].startswith("data:image/jpeg")
+        assert store.get(queued).files == []  # inline: no file was written
 
 
 @pytest.mark.parametrize("content_type", ["image/svg+xml", "text/html", "application/javascript"])
@@ -137,7 +135,7 @@ def test_upload_edge_cases_are_clear_errors_not_500(make_server) -> None:
 
 
 def test_one_upload_url_accepts_exactly_one_put_even_when_two_race(tmp_path) -> None:
-    from server.store import UploadRow
+    from server.jobs.store.base import UploadRow
 
     store = SqliteStore(tmp_path / "jobs.sqlite3")
     store.add_upload(UploadRow("tok-123456", "", "a.png", "image/png", None, 0.0, 10.0))

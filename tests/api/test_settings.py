@@ -53,7 +53,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen["uvicorn"] = kwargs
 
     monkeypatch.setattr("server.app.create_app", fake_create_app)
-    monkeypatch.setattr("server.draining.run", fake_run)  # uvicorn.run, with draining on SIGTERM
+    monkeypatch.setattr("server.http.draining.run", fake_run)  # uvicorn.run, with draining on SIGTERM
     return seen
 
 

@@ -93,5 +93,5 @@ def test_postgres_restart_and_server_kill_lose_nothing(
         done = wait_all_completed(client, [held_again, *queued], timeout=120)
         assert all(body.get("error") is None for body in done.values()), done
         logs = [entry["message"] for entry in status(client, held_again)["logs"]]
-        assert "Interrupted by a server restart; running again (attempt 2)" in logs, logs
+        assert "Interrupted: its worker stopped; running again (attempt 2)" in logs, logs
         assert client.get(f"/queue/{APP}/requests/{held_again}").json()["seed"] == 5

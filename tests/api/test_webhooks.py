@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from server.auth import owner_id
-from server.webhooks import verify_signature
+from server.delivery.webhooks import verify_signature
+from server.http.auth import owner_id
 from tests.api.fal_wire import FakeClock, data_uri
 from tests.api.queue_ops import (
     requests_url,

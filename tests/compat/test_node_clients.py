@@ -27,6 +27,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from server.jobs.job import JobState
 from tests.helpers import box_mask, noise_image, png
 from tests.live import LOOPBACK, GatedEngine
 from tests.webhook_receiver import WebhookReceiver
@@ -88,12 +89,12 @@ def run_node(script: str, *args: str) -> dict[str, Any]:
 
 def release_after_cancel(server, gate: GatedEngine, timeout: float = 30.0) -> threading.Thread:
     """Let the held job go once the server has recorded a cancel for a running job (or after ``timeout``)."""
-    service = server.app.state.service
+    store = server.app.state.store
 
     def watch() -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(job.cancel_requested for job in list(service.active.values())):
+            if any(job.cancel_requested and job.state is JobState.RUNNING for job in store.unfinished()):
                 break
             time.sleep(0.01)
         gate.release.set()

@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.webhooks import verify_signature
+from server.delivery.webhooks import verify_signature
 from tests.compat import python_scenarios as sc
 from tests.compat.certs import make_tls_files
 from tests.helpers import box_mask, noise_image, png

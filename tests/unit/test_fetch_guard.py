@@ -20,7 +20,7 @@ import httpcore
 import httpx
 import pytest
 
-from server.fetch import (
+from server.inputs.url_guard import (
     NOT_ALLOWED,
     FetchError,
     FetchGuard,

@@ -1,10 +1,10 @@
-"""server.image_sizes.parse_image_size: fal presets and WIDTHxHEIGHT."""
+"""server.inputs.image_sizes.parse_image_size: fal presets and WIDTHxHEIGHT."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.image_sizes import MAX_SIDE, PRESETS, parse_image_size
+from server.inputs.image_sizes import MAX_SIDE, PRESETS, parse_image_size
 
 
 @pytest.mark.parametrize(

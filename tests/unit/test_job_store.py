@@ -1,11 +1,14 @@
 """The job store's conformance suite, run on both backends (SQLite and a real PostgreSQL): every persistent
 field round-trips, queue order and position, the webhook outbox (claimed once), expiry, uploads, what a
-reopened store still holds, and the claim/lease protocol, also under concurrent claimers."""
+reopened store still holds, the claim/lease protocol (also under concurrent claimers), nodes and their
+liveness, shared keys, and the change feed that wakes other processes."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +16,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from server.jobs import Job, JobState
-from server.store import JobStore, SqliteStore, UploadRow, WebhookRow, open_store
+from server.jobs.job import Job, JobState
+from server.jobs.store import open_store
+from server.jobs.store.base import JobStore, NodeRow, UploadRow, WebhookRow, process_start, this_host
+from server.jobs.store.sqlite import SqliteStore
 
 INTEGRITY = (sqlite3.IntegrityError, psycopg.errors.IntegrityError)
 Opener = Callable[[], JobStore]
@@ -85,18 +90,22 @@ def test_every_persistent_field_round_trips(store: JobStore) -> None:
     )
     job.add_log("Request queued", when=1000.5)
     job.add_log("Step 1/2", "WARN", when=1001.5)
+    job.waiter = "api-node#1"
     store.add(job)
-    loaded = store.get(job.id)
+    loaded = store.get(job.id, with_input=True)
     assert loaded == job
     assert loaded is not job and loaded.state is JobState.FAILED and loaded.sync is True
+    light = store.get(job.id)  # what status polls read: everything but the (megabytes of) input
+    assert light.input == {} and light.logs == job.logs and light.result == job.result
 
 
 def test_missing_job_is_none_and_duplicate_id_is_refused(store: JobStore) -> None:
     assert store.get("nope") is None
-    store.add(make_job("dup", 1))
+    first = make_job("dup", 0)
+    store.add(first)
     with pytest.raises(INTEGRITY):
-        store.add(make_job("dup", 2))
-    assert store.get("dup").seq == 1
+        store.add(make_job("dup", 0))
+    assert store.get("dup").seq == first.seq
     assert store.counts() == {"queued": 1}
 
 
@@ -116,7 +125,6 @@ def test_save_overwrites_and_unfinished_is_queue_order(store: JobStore) -> None:
     store.save(jobs[0])
     assert store.get("a").state is JobState.CANCELLED and store.get("a").logs == jobs[0].logs
     assert [j.id for j in store.unfinished()] == ["c", "d", "b"]
-    assert store.next_seq() == 6
     assert store.counts() == {"queued": 2, "running": 1, "succeeded": 1, "cancelled": 1}
 
 
@@ -128,11 +136,12 @@ def test_reopened_store_holds_everything_committed(opener: Opener) -> None:
     first.add_upload(UploadRow("tok-12345678", "o", "a.png", "image/png", None, 1.0, 9.0))
     # no close(): a crash leaves the connection open
     second = opener()
-    assert second.get(job.id) == job
+    assert second.get(job.id, with_input=True) == job
     assert [j.id for j in second.unfinished()] == [job.id]
     assert second.webhooks_due(10.0) == [WebhookRow(job.id, "http://hook", b'{"a": 1}', job.owner, 0, 5.0)]
     assert second.get_upload("tok-12345678") is not None
-    assert second.next_seq() == 4
+    second.add(make_job("after", 0))
+    assert second.get("after").seq == job.seq + 1
 
 
 def test_webhook_outbox_due_attempted_and_kept_while_pending(store: JobStore) -> None:
@@ -216,35 +225,56 @@ def queued(store: JobStore, specs: list[tuple[str, str, int]], priority: int = 0
         store.add(make_job(job_id, start + offset, priority=priority, batch_key=key, rows=rows))
 
 
-def test_claim_takes_the_oldest_and_its_batch_mates_up_to_the_rows(store: JobStore) -> None:
-    queued(store, [("a", "k1", 2), ("b", "k2", 1), ("c", "k1", 4), ("d", "k1", 4), ("e", "k1", 1)])
-    store.add(make_job("urgent", 0, priority=0, batch_key="k2"))  # seq 0: older than everything
-    first = store.claim("w1", now=100.0, lease_s=30.0, max_rows=8)
-    assert [j.id for j in first] == ["urgent", "b"]  # the oldest job's key, in order
-    second = store.claim("w2", now=100.0, lease_s=30.0, max_rows=8)
-    assert [j.id for j in second] == ["a", "c", "e"]  # 2 + 4 + 1 rows: d (4 more) does not fit, e does
-    for job in second:
-        assert job.state is JobState.RUNNING and job.worker == "w2" and job.lease_until == 130.0
-        assert job.attempts == 1 and job.started_at == 100.0
-        assert store.get(job.id) == job
-    assert [j.id for j in store.claim("w1", 100.0, 30.0, max_rows=8)] == ["d"]
-    assert store.claim("w1", 100.0, 30.0) == []
+def test_arrival_numbers_are_unique_and_ordered_across_nodes(opener: Opener) -> None:
+    node_a, node_b = opener(), opener()
+    for i in range(6):
+        (node_a if i % 2 else node_b).add(make_job(f"n{i}", 0))
+    assert [node_a.get(f"n{i}").seq for i in range(6)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_job_over_the_row_limit_still_runs_alone(store: JobStore) -> None:
-    queued(store, [("big", "k", 12), ("small", "k", 1)])
-    assert [j.id for j in store.claim("w", 1.0, 5.0, max_rows=8)] == ["big"]
-    assert [j.id for j in store.claim("w", 1.0, 5.0, max_rows=8, max_jobs=1)] == ["small"]
-
-
-def test_low_priority_waits_and_cancelled_jobs_are_never_claimed(store: JobStore) -> None:
-    queued(store, [("low", "k", 1)], priority=1, start=1)
-    queued(store, [("normal", "n", 1), ("gone", "n", 1), ("mate", "k", 1)], start=2)
-    assert store.request_cancel("gone") and store.cancel_requested(["gone", "normal", "low"]) == {"gone"}
-    assert [j.id for j in store.claim("w", 1.0, 5.0)] == ["normal"]  # older, but low priority, "low" waits
-    assert [j.id for j in store.claim("w", 1.0, 5.0)] == ["mate", "low"]  # and then fills its batch-mate's room
-    assert store.claim("w", 1.0, 5.0) == []
+def test_queue_head_is_priority_then_arrival_without_cancelled_jobs(store: JobStore) -> None:
+    queued(store, [("low", "k", 1)], priority=1)
+    queued(store, [("a", "k", 2), ("gone", "j", 1), ("b", "j", 4)], start=2)
+    store.add(make_job("deadline", 0, batch_key="k", start_deadline=50.0))
+    assert store.request_cancel("gone") and store.cancel_requested(["gone", "a", "low"]) == {"gone"}
+    head = store.queue_head(10)
+    assert [r.id for r in head] == ["a", "b", "deadline", "low"]
+    assert (head[0].batch_key, head[0].rows, head[1].rows, head[2].start_deadline) == ("k", 2, 4, 50.0)
+    assert [r.id for r in store.queue_head(2)] == ["a", "b"]
+    assert store.queued_count() == 5  # the flagged job is still queued until a sweeper cancels it
     assert not store.request_cancel("missing")
+
+
+def test_claim_takes_only_what_is_still_claimable(store: JobStore) -> None:
+    queued(store, [("a", "k", 2), ("b", "k", 1), ("taken", "k", 1), ("gone", "k", 1), ("late", "k", 1)])
+    late = store.get("late")
+    late.start_deadline = 100.0
+    assert store.save(late, queued=True)
+    assert [j.id for j in store.claim("other", ["taken"], 90.0, 30.0)] == ["taken"]
+    store.request_cancel("gone")
+    claimed = store.claim("w1", ["b", "a", "taken", "gone", "late", "missing"], 100.0, 30.0, "Claimed ({n} jobs)")
+    assert [j.id for j in claimed] == ["a", "b"]  # queue order; late is past its deadline at 100.0
+    for job in claimed:
+        assert job.state is JobState.RUNNING and job.worker == "w1" and job.lease_until == 130.0
+        assert job.attempts == 1 and job.started_at == 100.0 and job.logs[-1]["message"] == "Claimed (2 jobs)"
+        assert store.get(job.id) == job and store.versions([job.id]) == {job.id: job.version}
+    assert store.get("taken").worker == "other"
+    assert store.claim("w2", ["a", "b"], 100.0, 30.0) == []  # never twice
+    assert store.holders() == {"w1", "other"}
+
+
+def test_a_write_conditioned_on_state_or_lease_fails_when_the_row_moved_on(store: JobStore) -> None:
+    queued(store, [("q", "k", 1)])
+    stale = store.get("q")
+    store.claim("w", ["q"], 1.0, 5.0)
+    stale.state = JobState.CANCELLED
+    assert not store.save(stale, queued=True)  # a cancel that raced a claim: the claim won
+    running = store.get("q")
+    assert not store.save(running, holder="someone-else")
+    assert not store.save(running, lost=("w", 99.0))  # the lease moved on: not the one the sweeper saw
+    running.add_log("still mine")
+    assert store.save(running, holder="w")
+    assert store.get("q").logs[-1]["message"] == "still mine"
 
 
 def test_queue_position_comes_from_the_store(opener: Opener) -> None:
@@ -252,37 +282,62 @@ def test_queue_position_comes_from_the_store(opener: Opener) -> None:
     queued(node_a, [("a", "k", 1), ("b", "k", 1), ("c", "k", 1)])
     queued(node_a, [("low", "k", 1)], priority=1, start=4)
     assert [node_b.position(i) for i in ("a", "b", "c", "low")] == [0, 1, 2, 3]
-    node_a.claim("w", 1.0, 5.0, max_jobs=1)
+    node_a.claim("w", ["a"], 1.0, 5.0)
     assert [node_b.position(i) for i in ("a", "b", "c", "low")] == [None, 0, 1, 2]
     assert node_b.position("missing") is None
 
 
-def test_renew_keeps_a_live_worker_and_expiry_requeues_a_dead_one(opener: Opener) -> None:
+def test_renew_keeps_a_live_worker_and_a_lost_lease_is_taken_back_once(opener: Opener) -> None:
     store, other_node = opener(), opener()
     queued(store, [("slow", "k", 1), ("dead", "j", 1)])
-    (slow,) = store.claim("live-worker", now=0.0, lease_s=10.0)
-    (dead,) = store.claim("dead-worker", now=0.0, lease_s=10.0)
+    (slow,) = store.claim("live-worker", ["slow"], now=0.0, lease_s=10.0)
+    (dead,) = store.claim("dead-worker", ["dead"], now=0.0, lease_s=10.0)
     assert store.renew("live-worker", ["slow", "dead"], now=8.0, lease_s=10.0) == {"slow"}  # not the other's job
-    assert [j.id for j in other_node.expired_leases(now=12.0)] == ["dead"]  # slow was renewed to 18
-    job = other_node.expired_leases(now=12.0)[0]
-    job.add_log("Worker lost; running again (attempt 2)", "WARN")
-    assert other_node.requeue(job, now=12.0)
-    assert not store.requeue(job, now=12.0)  # once only
+    assert [j.id for j in other_node.lost_leases(now=12.0)] == ["dead"]  # slow was renewed to 18
+    assert [j.id for j in other_node.lost_leases(now=1.0, dead=["dead-worker"])] == ["dead"]  # known dead: at once
+    job = other_node.lost_leases(now=12.0)[0]
+    seen_lease = job.lease_until
+    job.state, job.worker, job.lease_until = JobState.QUEUED, None, None
+    job.add_log("Interrupted: its worker stopped; running again (attempt 2)", "WARN")
+    assert other_node.save(job, lost=("dead-worker", seen_lease))
+    assert not store.save(job, lost=("dead-worker", seen_lease))  # once only
     requeued = store.get("dead")
     assert requeued.state is JobState.QUEUED and requeued.worker is None and requeued.attempts == 1
-    assert requeued.logs[-1]["message"].startswith("Worker lost")
+    assert requeued.logs[-1]["message"].startswith("Interrupted")
     # The dead worker comes back: its lease is gone, so it can neither renew nor finish the job.
     assert store.renew("dead-worker", ["dead"], now=13.0, lease_s=10.0) == set()
     dead.state = JobState.SUCCEEDED
     assert not store.save(dead, holder="dead-worker")
     assert store.get("dead").state is JobState.QUEUED
-    (again,) = store.claim("second-worker", now=13.0, lease_s=10.0)
-    assert again.id == "dead" and again.attempts == 2 and again.seed == dead.seed
+    (again,) = store.claim("second-worker", ["dead"], now=13.0, lease_s=10.0)
+    assert again.attempts == 2 and again.seed == dead.seed
     # The live worker finishes its own job, with the webhook, in one write.
     slow.state = JobState.SUCCEEDED
     assert store.save(slow, WebhookRow("slow", "http://hook", b"{}", "", 0, 1.0), holder="live-worker")
     assert store.get("slow").state is JobState.SUCCEEDED and store.webhook_state("slow") == ("pending", 0, None)
-    assert other_node.expired_leases(now=1e9) == [store.get("dead")]
+    assert [j.id for j in other_node.lost_leases(now=1e9)] == ["dead"]
+
+
+def test_a_job_left_running_without_a_lease_is_taken_back_once(store: JobStore) -> None:
+    """A store written before leases: running rows with no holder and no lease."""
+    store.add(make_job("old", 0, state=JobState.RUNNING, attempts=1))
+    (job,) = store.lost_leases(now=0.0)
+    job.state = JobState.QUEUED
+    assert not store.save(job, lost=("someone", None)) and store.save(job, lost=(None, None))
+    assert not store.save(job, lost=(None, None)) and store.lost_leases(now=1e9) == []
+
+
+def _claim_a_batch(store: JobStore, name: str, max_rows: int = 8) -> list[Job]:
+    """What a worker does: read the head, take the first job's batch-mates up to the rows, claim them."""
+    head = store.queue_head(32)
+    if not head:
+        return []
+    key, ids, rows = head[0].batch_key, [], 0
+    for ref in head:
+        if ref.batch_key == key and rows + ref.rows <= max_rows:
+            ids.append(ref.id)
+            rows += ref.rows
+    return store.claim(name, ids, now=1.0, lease_s=60.0) or [Job.__new__(Job)]  # lost a race: look again
 
 
 def test_concurrent_claimers_never_take_the_same_job(opener: Opener) -> None:
@@ -296,8 +351,9 @@ def test_concurrent_claimers_never_take_the_same_job(opener: Opener) -> None:
 
     def work(name: str, store: JobStore) -> None:
         try:
-            while batch := store.claim(name, now=1.0, lease_s=60.0, max_rows=8):
-                assert len({j.batch_key for j in batch}) == 1 and sum(j.rows for j in batch) <= 8
+            while batch := _claim_a_batch(store, name):
+                batch = [j for j in batch if hasattr(j, "id")]
+                assert len({j.batch_key for j in batch}) <= 1 and sum(j.rows for j in batch) <= 8
                 taken[name].extend(j.id for j in batch)
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -312,6 +368,87 @@ def test_concurrent_claimers_never_take_the_same_job(opener: Opener) -> None:
     assert sorted(claimed) == [f"j{i:03d}" for i in range(120)]  # every job once, none twice
     assert setup.counts() == {"running": 120}
     assert all(setup.get(job_id).worker == name for name, ids in taken.items() for job_id in ids)
+
+
+# ---------------------------------------------------------------------- nodes, keys, the change feed
+
+
+def node_row(node_id: str, heartbeat_at: float, pid: int | None = None, host: str | None = None) -> NodeRow:
+    pid = os.getpid() if pid is None else pid
+    return NodeRow(
+        node_id, node_id.split("#")[0], "worker", host or this_host(), pid, process_start(pid), "cpu", 1.0,
+        heartbeat_at, "ready", {"batches": 1},
+    )  # fmt: skip
+
+
+def test_nodes_register_heartbeat_and_are_found_dead_by_any_node(opener: Opener) -> None:
+    mine, other_node = opener(), opener()
+    live = node_row("live#1", heartbeat_at=100.0)
+    mine.register_node(live)
+    mine.register_node(node_row("stale#1", heartbeat_at=50.0, host="elsewhere"))
+    mine.register_node(node_row("exited#1", heartbeat_at=100.0, pid=2**22 + 12345))  # no such process here
+    live.heartbeat_at, live.state, live.stats = 110.0, "busy", {"batches": 2}
+    assert mine.heartbeat(live)
+    (row,) = [n for n in other_node.nodes() if n.id == "live#1"]
+    assert (row.heartbeat_at, row.state, row.stats, row.is_worker) == (110.0, "busy", {"batches": 2}, True)
+    ids = ["live#1", "stale#1", "exited#1", "never#1"]
+    assert other_node.dead_nodes(ids, now=115.0, stale_s=30.0) == {"stale#1", "exited#1", "never#1"}
+    other_node.remove_nodes(["stale#1", "exited#1"])
+    assert sorted(n.id for n in mine.nodes()) == ["live#1"]
+    assert not mine.heartbeat(node_row("stale#1", 120.0))  # taken for dead: it must register again
+
+
+def test_a_dead_sqlite_node_is_known_at_once_by_its_lock_file(tmp_path: Path) -> None:
+    """On one host, SQLite nodes hold a lock file while they live: a crash frees it with no heartbeat wait."""
+    path = tmp_path / "jobs.sqlite3"
+    crashed, watcher = SqliteStore(path), SqliteStore(path)
+    try:
+        crashed.register_node(node_row("w#1", heartbeat_at=100.0))
+        assert watcher.dead_nodes(["w#1"], now=100.0, stale_s=30.0) == set()
+        os.close(crashed._held.pop("w#1"))  # what the kernel does when the process dies
+        assert watcher.dead_nodes(["w#1"], now=100.0, stale_s=30.0) == {"w#1"}
+    finally:
+        crashed.close()
+        watcher.close()
+
+
+def test_shared_keys_are_made_once_for_every_node(opener: Opener) -> None:
+    node_a, node_b = opener(), opener()
+    made: list[bytes] = []
+
+    def make() -> bytes:
+        made.append(os.urandom(32))
+        return made[-1]
+
+    key = node_a.shared_key("uploads", make)
+    assert node_b.shared_key("uploads", make) == key == made[0] and len(made) == 1
+    assert node_b.shared_key("webhooks", make) != key
+
+
+def test_other_nodes_hear_of_every_committed_change(opener: Opener) -> None:
+    writer, reader = opener(), opener()
+    heard = threading.Event()
+    reader.subscribe(heard.set)
+    time.sleep(0.3)  # the feed is up
+    queued(writer, [("x", "k", 1)])
+    assert heard.wait(5), "a new job did not wake the other node"
+    heard.clear()
+    before = reader.versions(["x", "missing"])
+    writer.request_cancel("x")
+    assert heard.wait(5), "a cancel flag did not wake the other node"
+    assert reader.versions(["x"])["x"] > before["x"] and "missing" not in before
+    reader.unsubscribe(heard.set)
+
+
+def test_webhook_claims_of_a_gone_node_are_released(opener: Opener) -> None:
+    node_a, node_b = opener(), opener()
+    job = make_job("hooked", 1, state=JobState.SUCCEEDED)
+    node_a.add(job)
+    node_a.save(job, WebhookRow(job.id, "http://hook", b"{}", "", 0, 5.0))
+    assert len(node_a.webhooks_due(10.0, claimant="api-a", lease_s=300.0)) == 1
+    assert node_b.webhook_claimants(20.0) == {"api-a"}
+    assert node_b.release_webhooks(["api-a"]) == 1
+    assert [r.request_id for r in node_b.webhooks_due(20.0, claimant="api-b")] == ["hooked"]
 
 
 def test_a_webhook_is_claimed_by_one_node_at_a_time(opener: Opener) -> None:
@@ -348,15 +485,19 @@ def test_an_older_sqlite_store_gets_the_new_columns(tmp_path: Path) -> None:
     db.close()
     store = SqliteStore(path)
     try:
-        (job,) = store.claim("w", 2.0, 5.0)
-        assert job.id == "old" and job.batch_key == "" and job.rows == 1 and job.worker == "w"
+        (ref,) = store.queue_head(8)
+        assert ref.id == "old" and ref.batch_key == "" and ref.rows == 1
+        (job,) = store.claim("w", ["old"], 2.0, 5.0)
+        assert job.worker == "w" and job.attempts == 1
+        store.add(make_job("new", 0))
+        assert store.get("new").seq == 2  # the arrival counter starts past the old rows
     finally:
         store.close()
 
 
 def test_submitted_jobs_carry_the_batch_key_and_rows_the_claim_uses() -> None:
     """Requests that may share a batch get equal keys from their JSON; textual inversions run alone."""
-    from server.inputs import batch_key_of, rows_of
+    from server.inputs.input_fetch import batch_key_of, rows_of
 
     base = {"num_inference_steps": "4", "strength": 0.95, "image_size": "square_hd", "num_images": 2}
     lightning = "fal-ai/fast-lightning-sdxl/inpainting"

@@ -1,10 +1,10 @@
-"""server.limits.RateLimiter: a token bucket per owner, on an injected clock."""
+"""server.http.limits.RateLimiter: a token bucket per owner, on an injected clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.limits import RateLimiter
+from server.http.limits import RateLimiter
 
 
 class Clock:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from server.schemas import input_model
+from server.http.schemas import input_model
 
 REQUIRED = {"image_url": "https://example.com/i.png", "mask_url": "https://example.com/m.png", "prompt": "p"}
 

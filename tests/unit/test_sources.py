@@ -1,4 +1,4 @@
-"""server.sources.read_source: data URIs, local paths and http(s) URLs (a local test server)."""
+"""server.inputs.data_uris.read_source: data URIs, local paths and http(s) URLs (a local test server)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from server import sources
-from server.sources import SourceError, read_data_uri, read_source
+from server.inputs import data_uris as sources
+from server.inputs.data_uris import SourceError, read_data_uri, read_source
 
 PAYLOAD = bytes(range(256)) * 4  # 1024 bytes, every byte value
 

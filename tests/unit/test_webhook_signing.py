@@ -14,23 +14,23 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from server.delivery.webhooks import WebhookSender, WebhookSigner, verify_signature, webhook_body
 from server.metrics import Metrics
-from server.webhooks import WebhookSender, WebhookSigner, verify_signature, webhook_body
 
 BODY = b'{"request_id": "r1", "status": "OK", "payload": {"images": []}}'
 
 
 def test_key_file_is_created_private_and_reused(tmp_path: Path) -> None:
     key_file = tmp_path / "keys" / "webhook.pem"
-    first = WebhookSigner(key_file)
+    first = WebhookSigner.from_file(key_file)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    second = WebhookSigner(key_file)
+    second = WebhookSigner.from_file(key_file)
     assert second.jwks() == first.jwks() and second.kid == first.kid
-    assert WebhookSigner(tmp_path / "other.pem").jwks() != first.jwks()
+    assert WebhookSigner.from_file(tmp_path / "other.pem").jwks() != first.jwks()
 
 
 def test_jwks_is_the_raw_public_key(tmp_path: Path) -> None:
-    signer = WebhookSigner(tmp_path / "k.pem")
+    signer = WebhookSigner.from_file(tmp_path / "k.pem")
     [jwk] = signer.jwks()["keys"]
     assert jwk | {"x": None} == {
         "kty": "OKP",
@@ -45,7 +45,7 @@ def test_jwks_is_the_raw_public_key(tmp_path: Path) -> None:
 
 
 def test_signature_covers_request_user_timestamp_and_body_hash(tmp_path: Path) -> None:
-    signer = WebhookSigner(tmp_path / "k.pem")
+    signer = WebhookSigner.from_file(tmp_path / "k.pem")
     headers = signer.headers("r1", "user-9", 1_700_000_000, BODY)
     assert headers["X-Fal-Webhook-Request-Id"] == "r1"
     assert headers["X-Fal-Webhook-User-Id"] == "user-9"
@@ -66,15 +66,15 @@ def test_signature_covers_request_user_timestamp_and_body_hash(tmp_path: Path) -
     ],
 )
 def test_verification_fails_when_a_signed_header_changes(tmp_path: Path, header: str, value: str) -> None:
-    signer = WebhookSigner(tmp_path / "k.pem")
+    signer = WebhookSigner.from_file(tmp_path / "k.pem")
     headers = signer.headers("r1", "user-9", 1_700_000_000, BODY)
     assert verify_signature(signer.jwks(), headers, BODY)
     assert not verify_signature(signer.jwks(), headers | {header: value}, BODY)
 
 
 def test_verification_fails_for_another_body_or_key_and_reads_any_header_case(tmp_path: Path) -> None:
-    signer = WebhookSigner(tmp_path / "k.pem")
-    other = WebhookSigner(tmp_path / "other.pem")
+    signer = WebhookSigner.from_file(tmp_path / "k.pem")
+    other = WebhookSigner.from_file(tmp_path / "other.pem")
     headers = signer.headers("r1", "user-9", 1_700_000_000, BODY)
     assert not verify_signature(signer.jwks(), headers, BODY + b" ")
     assert not verify_signature(other.jwks(), headers, BODY)
@@ -90,7 +90,7 @@ def test_a_key_file_that_is_not_ed25519_is_refused(tmp_path: Path) -> None:
     key_file = tmp_path / "ec.pem"
     key_file.write_bytes(pem)
     with pytest.raises(ValueError, match="not an Ed25519 private key"):
-        WebhookSigner(key_file)
+        WebhookSigner.from_file(key_file)
 
 
 def test_webhook_body_matches_fal() -> None:

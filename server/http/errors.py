@@ -154,6 +154,17 @@ class StoreDown(ApiError):
         super().__init__(detail, headers={"Retry-After": str(self.retry_after_s)})
 
 
+class FilesDown(ApiError):
+    """The file store (a bucket) cannot be reached: 503 with Retry-After; the file is not lost."""
+
+    status = 503
+    error_type = "files_unavailable"
+    retry_after_s = 2
+
+    def __init__(self, detail: str = "the file store is unavailable for a moment; retry shortly"):
+        super().__init__(detail, headers={"Retry-After": str(self.retry_after_s)})
+
+
 class IdempotencyKeyReused(ApiError):
     """An ``Idempotency-Key`` sent again with a different request. 422, not 409: fal's clients retry 409."""
 

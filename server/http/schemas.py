@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from pipelines.specs import AppSpec
 
-from .image_sizes import MAX_SIDE, PRESETS
+from ..inputs.image_sizes import MAX_SIDE, PRESETS
 
 ImageSizePreset = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"]
 assert set(ImageSizePreset.__args__) == set(PRESETS)  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ appear; failures and cancels are ``COMPLETED`` with ``error`` and ``error_type``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,9 @@ from pydantic import BaseModel
 
 from pipelines.specs import AppSpec
 
+from ..inputs.url_guard import FetchError, FetchGuard
+from ..jobs.job import PRIORITIES, Job, JobState
+from ..jobs.service import JobService
 from .errors import (
     REQUEST_ID_HEADER,
     TIMEOUT_TYPE_HEADER,
@@ -28,15 +32,12 @@ from .errors import (
     StillInProgress,
     error_response,
 )
-from .fetch import FetchError, FetchGuard
 from .idempotency import HEADER as IDEMPOTENCY_HEADER
 from .idempotency import KEY_PATTERN as IDEMPOTENCY_KEY_PATTERN
 from .idempotency import REPLAYED_HEADER, fingerprint
-from .jobs import PRIORITIES, Job, JobState
-from .responses import CANCEL, RESULT, RUN, STATUS, STREAM, SUBMIT
+from .openapi_responses import CANCEL, RESULT, RUN, STATUS, STREAM, SUBMIT
 from .routing import QUEUE_PREFIX_KEY
 from .schemas import Output, input_model
-from .service import JobService
 
 TRUE_FLAGS = ("1", "true", "yes", "on")
 IdempotencyKey = Annotated[
@@ -182,14 +183,14 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         job = submit_job(request, app, payload, owner, True, None)
         service: JobService = request.app.state.service
         while not job.state.is_terminal():
-            if not await service.wait(job, 1.0) and await request.is_disconnected():
-                if not job.state.is_terminal():
+            fresh = await service.wait(job, 1.0)
+            if fresh is job and await request.is_disconnected():
+                with contextlib.suppress(AlreadyCompleted):
                     service.cancel(job)
-                break
-        if not job.state.is_terminal():
-            return JSONResponse({}, status_code=499)  # the caller has gone
+                return JSONResponse({}, status_code=499)  # the caller has gone
+            job = fresh
         response = result_response(service, job)
-        service.release_inline(job.id)  # a sync run's data URIs go to its caller only
+        service.release_inline(job)  # a sync run's data URIs go to its caller only
         return response
 
     async def submit(
@@ -201,7 +202,7 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
     ) -> JSONResponse:
         service: JobService = request.app.state.service
         if fal_webhook is not None:
-            await _check_webhook_url(fal_webhook, service.fetcher.guard)
+            await _check_webhook_url(fal_webhook, service.fetch_guard)
         idempotency = job = None
         if idempotency_key is not None:
             idempotency = (idempotency_key, fingerprint(app.app_id, payload.model_dump(mode="json"), fal_webhook))
@@ -267,22 +268,25 @@ def _stream(service: JobService, owner_of):
         async def events() -> AsyncIterator[str]:
             sent_logs = 0
             last: Any = None
+            current = job
             while True:
-                position = service.position(job)
-                state = (job.state, position)
-                new_logs = with_logs and len(job.logs) > sent_logs
+                position = service.position(current)
+                state = (current.state, position)
+                new_logs = with_logs and len(current.logs) > sent_logs
                 if state != last or new_logs:
-                    body = job.status_body(position, with_logs, sent_logs)
+                    body = current.status_body(position, with_logs, sent_logs)
                     if with_logs:
-                        sent_logs = len(job.logs)
+                        sent_logs = len(current.logs)
                     last = state
                     yield f"data: {json.dumps(body)}\n\n"
-                if job.state.is_terminal():
+                if current.state.is_terminal():
                     return
                 # While queued, look again each second: the position moves without this job changing.
-                timeout = 1.0 if job.state is JobState.QUEUED else STREAM_KEEPALIVE_S
-                if not await service.wait(job, timeout) and job.state is not JobState.QUEUED:
+                timeout = 1.0 if current.state is JobState.QUEUED else STREAM_KEEPALIVE_S
+                fresh = await service.wait(current, timeout)
+                if fresh is current and current.state is not JobState.QUEUED:
                     yield ": keep-alive\n\n"
+                current = fresh
 
         headers = {REQUEST_ID_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

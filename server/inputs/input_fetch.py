@@ -3,7 +3,7 @@
 Fetching happens after the request is acknowledged and before the job reaches the GPU, off the
 GPU lane; every fetch is capped in bytes and time. A failure names the input field.
 
-Remote URLs go through :mod:`server.fetch` (SSRF guard, pinned connections). Redirects are followed by
+Remote URLs go through :mod:`server.inputs.url_guard` (SSRF guard, pinned connections). Redirects are followed by
 hand, at most :data:`MAX_REDIRECTS` times, each hop checked again; a connection reset is retried
 :data:`MAX_RETRIES` times with backoff; the whole fetch, redirects and retries included, has one deadline.
 Local paths are never read from a request: only this server's own ``/files/...`` and ``/uploads/...``
@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from .fetch import FetchError, FetchGuard, FetchTimeout, GuardedTransport
-from .files import FileStore
-from .jobs import Job
-from .schemas import image_size_of
-from .sources import SourceError, read_data_uri
+from ..delivery.file_store import FileStore, FilesUnavailable, own_file
+from ..http.schemas import image_size_of
+from ..jobs.job import Job
+from .data_uris import SourceError, read_data_uri
+from .url_guard import FetchError, FetchGuard, FetchTimeout, GuardedTransport
 
 log = logging.getLogger("inpaint-server.inputs")
 
@@ -90,7 +89,7 @@ class InputFetcher:
             parts = urlsplit(source)
         except ValueError:
             return False
-        return parts.scheme in ("http", "https") and self.files.local_file(parts.path) is None
+        return parts.scheme in ("http", "https") and own_file(parts.path) is None
 
     async def fetch(self, source: str, field: str) -> bytes:
         """The bytes behind ``source``; raises :class:`InputFetchError` naming ``field``."""
@@ -104,9 +103,16 @@ class InputFetcher:
             raise InputFetchError(field, "is not a valid URL") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InputFetchError(field, "must be an http(s) URL or a data URI")
-        local = self.files.local_file(parts.path)
-        if local is not None:
-            return await asyncio.to_thread(_read_capped, local, self.max_bytes, field)
+        own = own_file(parts.path)
+        if own is not None:  # this server's own result or upload: read from the file store, not fetched
+            try:
+                data = await asyncio.to_thread(self.files.read_own, own, self.max_bytes)
+            except ValueError as exc:
+                raise InputFetchError(field, str(exc)) from None
+            except FilesUnavailable:
+                raise InputFetchError(field, "this server's file store is unavailable; retry shortly") from None
+            if data is not None:
+                return data
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await self._download(source, field)
@@ -179,12 +185,6 @@ class InputFetcher:
                     raise InputFetchError(field, f"the file is larger than {self.max_bytes} bytes")
                 chunks.append(chunk)
             return b"".join(chunks)
-
-
-def _read_capped(path: Path, max_bytes: int, field: str) -> bytes:
-    if path.stat().st_size > max_bytes:
-        raise InputFetchError(field, f"the file is larger than {max_bytes} bytes")
-    return path.read_bytes()
 
 
 def slim_input(job: Job) -> None:

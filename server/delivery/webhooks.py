@@ -1,7 +1,7 @@
 """Webhook delivery: a durable outbox in the job store, retried with backoff, optionally signed.
 
 Delivery runs on its own task and never blocks the GPU lane. It connects only to addresses the SSRF
-guard (:mod:`server.fetch`) allows, checked again at each attempt, and follows no redirects. A webhook
+guard (:mod:`server.inputs.url_guard`) allows, checked again at each attempt, and follows no redirects. A webhook
 is queued in the same transaction that makes its job terminal, so a restart resumes delivery where it
 stopped. Receivers should dedupe on ``request_id`` (a delivery that timed out on our side may still
 have arrived).
@@ -29,9 +29,9 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .fetch import FetchGuard, GuardedTransport
-from .metrics import Metrics
-from .store import JobStore, WebhookRow
+from ..inputs.url_guard import FetchGuard, GuardedTransport
+from ..jobs.store.base import JobStore, WebhookRow
+from ..metrics import Metrics
 
 log = logging.getLogger("inpaint-server.webhooks")
 
@@ -54,26 +54,33 @@ def webhook_body(request_id: str, ok: bool, payload: Any, http_status: int) -> b
 
 
 class WebhookSigner:
-    """An Ed25519 key kept in a PEM file (created on first use, mode 0600)."""
+    """An Ed25519 key: from a PEM file (``webhook_key_file``; created on first use, mode 0600) or, by default,
+    from the job store, where every API node reads the same one (so any node's JWKS verifies any node's
+    deliveries)."""
 
-    def __init__(self, key_file: Path) -> None:
-        if key_file.is_file():
-            key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise ValueError(f"{key_file} is not an Ed25519 private key")
-        else:
-            key = Ed25519PrivateKey.generate()
-            key_file.parent.mkdir(parents=True, exist_ok=True)
-            pem = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(pem)
+    def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key
         raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         self.public_raw = raw
         self.kid = hashlib.sha256(raw).hexdigest()[:16]
+
+    @classmethod
+    def from_pem(cls, pem: bytes, where: str = "the key") -> WebhookSigner:
+        key = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{where} is not an Ed25519 private key")
+        return cls(key)
+
+    @classmethod
+    def from_file(cls, key_file: Path) -> WebhookSigner:
+        if key_file.is_file():
+            return cls.from_pem(key_file.read_bytes(), str(key_file))
+        pem = new_key_pem()
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        return cls.from_pem(pem)
 
     def headers(self, request_id: str, user_id: str, timestamp: int, body: bytes) -> dict[str, str]:
         message = "\n".join([request_id, user_id, str(timestamp), hashlib.sha256(body).hexdigest()]).encode()
@@ -87,6 +94,14 @@ class WebhookSigner:
     def jwks(self) -> dict[str, Any]:
         x = base64.urlsafe_b64encode(self.public_raw).rstrip(b"=").decode()
         return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.kid, "use": "sig", "alg": "EdDSA"}]}
+
+
+def new_key_pem() -> bytes:
+    """A new Ed25519 private key, as PEM (PKCS#8, unencrypted)."""
+    key = Ed25519PrivateKey.generate()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def verify_signature(jwks: dict[str, Any], headers: dict[str, str], body: bytes) -> bool:
@@ -127,8 +142,13 @@ class WebhookSender:
         concurrency: int = 8,
         transport: httpx.AsyncBaseTransport | None = None,
         guard: FetchGuard | None = None,
+        claimant: str | None = None,
     ) -> None:
         self.store = store
+        # This node's id: an outbox row is claimed by one API node at a time, so each outcome is delivered once
+        # however many nodes run; a claim outlives one attempt (the timeout) and lapses if the node dies.
+        self.claimant = claimant
+        self.claim_s = max(60.0, 4 * timeout_s)
         self.metrics = metrics
         self.signer = signer
         self.max_attempts = max_attempts
@@ -146,12 +166,14 @@ class WebhookSender:
         self._slots = asyncio.Semaphore(concurrency)
         self._inflight: dict[str, asyncio.Task] = {}
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def delay_after(self, attempts: int) -> float:
         """Seconds to wait after ``attempts`` failed attempts: base, 2x base, ... capped at the max."""
         return min(self.retry_base_s * 2 ** (attempts - 1), self.retry_max_s)
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="webhook-sender")
 
     async def stop(self) -> None:
@@ -164,10 +186,16 @@ class WebhookSender:
     def wake(self) -> None:
         self._wake.set()
 
+    def wake_threadsafe(self) -> None:
+        """:meth:`wake` from any thread (the store's change listener: another node may have queued a webhook)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
+
     async def _run(self) -> None:
         while True:
             try:
-                for row in self.store.webhooks_due(self.clock()):
+                for row in self.store.webhooks_due(self.clock(), claimant=self.claimant, lease_s=self.claim_s):
                     if row.request_id not in self._inflight:
                         self._inflight[row.request_id] = asyncio.create_task(self._deliver(row))
                 nxt = self.store.next_webhook_at()

@@ -131,7 +131,7 @@ def warmup_plan(engine: ServingEngine, sizes: list[tuple[int, int]] | None = Non
     default size (``square_hd``, both apps' default) is warmed before ready, the others after."""
     from pipelines.warmup import plan_warmup
 
-    from .image_sizes import PRESETS
+    from ..inputs.image_sizes import PRESETS
 
     if sizes is None:
         device = getattr(engine, "device", None)

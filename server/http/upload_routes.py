@@ -12,26 +12,25 @@ Uploaded files are served at ``GET /uploads/<token>/<name>`` and expire with the
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
 import hmac
 import json
 import mimetypes
-import os
 import secrets
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from ..delivery.file_store import FileStore, file_response, safe_name
+from ..jobs.store.base import JobStore, UploadRow
 from .errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
-from .files import FileStore, safe_name
-from .responses import FILES_UPLOAD, UPLOAD_INITIATE, UPLOAD_TOKEN
-from .store import JobStore, UploadRow
+from .openapi_responses import FILES_UPLOAD, UPLOAD_INITIATE, UPLOAD_TOKEN
 
 TOKEN_TTL_S = 3600
 # Raster images (inputs) and octet-stream (textual-inversion safetensors). No SVG or HTML: uploads are
@@ -51,12 +50,8 @@ SERVE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy":
 class UploadTokens:
     """Stateless tokens ``<payload>.<hmac>``: they survive restarts, which the Python client's cache needs."""
 
-    def __init__(self, secret_file: Path) -> None:
-        if not secret_file.is_file():
-            secret_file.parent.mkdir(parents=True, exist_ok=True)
-            secret_file.write_bytes(secrets.token_bytes(32))
-            secret_file.chmod(0o600)
-        self._secret = secret_file.read_bytes()
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret  # shared by every API node (the store keeps it): any node accepts any node's token
 
     def issue(self, owner: str, now: float) -> tuple[str, float]:
         expires = now + TOKEN_TTL_S
@@ -98,27 +93,24 @@ def storage_router(
         store.add_upload(row)
         return row
 
-    async def receive_body(request: Request, path: Path) -> int:
+    async def receive_body(request: Request, token: str) -> int:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise PayloadTooLarge(f"uploads are limited to {max_bytes} bytes")
         size = 0
-        tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.part")
+        spool = files.spool_upload(token)
         try:
-            with tmp.open("wb") as fh:
-                try:
-                    async for chunk in request.stream():
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise PayloadTooLarge(f"uploads are limited to {max_bytes} bytes")
-                        fh.write(chunk)
-                except ClientDisconnect:
-                    raise BadRequest("the client disconnected before the upload finished") from None
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.replace(path)
+            try:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise PayloadTooLarge(f"uploads are limited to {max_bytes} bytes")
+                    spool.file.write(chunk)
+            except ClientDisconnect:
+                raise BadRequest("the client disconnected before the upload finished") from None
+            await asyncio.to_thread(spool.commit)
         finally:
-            tmp.unlink(missing_ok=True)
+            spool.close()
         return size
 
     def content_type_of(value: object) -> str:
@@ -145,13 +137,12 @@ def storage_router(
     @router.put("/uploads/{token}/{name}", include_in_schema=False)
     async def put_upload(token: str, name: str, request: Request) -> dict[str, Any]:
         row = store.get_upload(token)
-        path = files.upload_path(token)
-        if row is None or path is None or name != row.file_name or row.expires_at <= clock():
+        if row is None or name != row.file_name or row.expires_at <= clock():
             raise NotFound("no such upload")
         if not store.claim_upload(token):  # one PUT per upload URL, even when two race
             raise BadRequest("this upload URL has already been used")
         try:
-            size = await receive_body(request, path)
+            size = await receive_body(request, token)
         except BaseException:
             store.release_upload(token)  # a failed PUT may be retried
             raise
@@ -176,21 +167,21 @@ def storage_router(
             raise Unauthorized("missing or expired upload token; get one from POST /storage/auth/token")
         content_type = content_type_of(request.headers.get("content-type"))
         row = reserve(owner, request.headers.get("x-fal-file-name") or "upload", content_type)
-        path = files.upload_path(row.token)
-        assert path is not None
-        size = await receive_body(request, path)
+        size = await receive_body(request, row.token)
         store.set_upload_size(row.token, size)
         return JSONResponse({"access_url": f"{base_url_of(request)}/uploads/{row.token}/{row.file_name}"})
 
     @router.get("/uploads/{token}/{name}", include_in_schema=False)
-    async def get_upload(token: str, name: str) -> FileResponse:
+    async def get_upload(token: str, name: str) -> Response:
         row = store.get_upload(token)
-        path = files.served_upload(token)  # symlinks resolved: only the file the upload wrote
         complete = row is not None and row.size is not None and row.size >= 0
-        if not complete or path is None or name != row.file_name:
+        if not complete or name != row.file_name:
             raise NotFound("no such file")
         if row.expires_at <= clock():
             raise NotFound("no such file (expired)")
-        return FileResponse(path, media_type=row.content_type, headers=SERVE_HEADERS)
+        body = await asyncio.to_thread(files.open_upload, token)  # a directory: symlinks resolved, only its own file
+        if body is None:
+            raise NotFound("no such file")
+        return file_response(body, row.content_type, SERVE_HEADERS)
 
     return router

@@ -17,10 +17,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..inputs.data_uris import data_uri_min_bytes
+from ..inputs.input_fetch import image_size_of_json
+from ..settings import Settings
 from .errors import PayloadTooLarge, TooManyRequests, ValidationFailed
-from .inputs import image_size_of_json
-from .settings import Settings
-from .sources import data_uri_min_bytes
 
 QUEUE_FULL_RETRY_AFTER_S = 5.0
 

@@ -8,7 +8,6 @@ know only three wire states (``IN_QUEUE``, ``IN_PROGRESS``, ``COMPLETED``); a fa
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -86,15 +85,15 @@ class Job:
     inference_time: float | None = None
     files: list[str] = field(default_factory=list)
     cancel_requested: bool = False
-    # Scheduling (the claim/lease protocol of server.store): which batches the job can join, the image rows it
-    # adds to one, and which worker holds it until when.
+    # Scheduling (the claim/lease protocol of server.jobs.store): which batches the job can join, the image rows
+    # it adds to one, which worker holds it until when (once finished: which worker ran it), and the node whose
+    # caller waits for a sync run.
     batch_key: str = ""
     rows: int = 1
     worker: str | None = None
     lease_until: float | None = None
-    # In memory only.
-    version: int = 0
-    _changed: asyncio.Event | None = field(default=None, repr=False, compare=False)
+    waiter: str | None = None
+    version: int = 0  # the row's write count: a watcher sees a change by it alone
 
     @property
     def sync_mode(self) -> bool:
@@ -103,20 +102,6 @@ class Job:
     def urls(self) -> dict[str, str]:
         base = f"{self.base_url}{self.queue_prefix}/{self.endpoint}/requests/{self.id}"
         return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
-
-    # ------------------------------------------------------------ change notification (event loop only)
-
-    def changed_event(self) -> asyncio.Event:
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        return self._changed
-
-    def notify(self) -> None:
-        """Wake everyone waiting on this job (status streams, sync runs)."""
-        self.version += 1
-        event, self._changed = self._changed, None
-        if event is not None:
-            event.set()
 
     def add_log(self, message: str, level: str = "INFO", when: float | None = None) -> None:
         self.logs.append(log_entry(message, level, when))

@@ -1,0 +1,1 @@
+"""Delivery: encoding results, the file store (results and uploads) and webhooks."""

@@ -1,0 +1,682 @@
+"""The GPU lane: a worker that takes batches from the queue in the job store and runs them on its engine.
+
+One :class:`GpuWorker` per GPU, in the API process (the embedded default) or in a process of its own
+(``inpaint-server worker``), on this host or another: it only talks to the store, through the narrow
+:class:`~.leases.WorkSource`. It reads the head of the queue whenever the store changes and fetches and
+decodes those jobs' inputs ahead of time (``prepare`` in a thread pool, nothing claimed yet); when the GPU is
+free it picks the oldest ready job and the prepared jobs with the same batch key (up to ``max_batch_size``
+requests and the engine's image rows), waits ``batch_window_ms`` while a batch-mate is still being prepared,
+and *claims* them in the store: only the jobs still queued are taken, now running and leased to this worker.
+It runs the batch (``run`` on the engine's GPU thread, with a step watchdog), renews its leases, writes
+progress, reads cancel flags between steps, and writes each terminal state as the lease's holder. A fatal GPU
+error or a hung GPU ends the process for a supervisor to restart; its leases are then taken back by the
+other nodes, and the batch runs again with the same seeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines import Embedding, InpaintRequest
+from pipelines.errors import EngineError, GpuFatalError, InputError, RequestCancelled
+from pipelines.serving import ServingEngine
+
+from ..delivery.file_store import FileStore
+from ..delivery.result_encoding import encode_output
+from ..inputs.input_fetch import InputFetcher, InputFetchError, image_size_of_json, slim_input
+from ..metrics import Metrics
+from ..redact import public_message
+from ..settings import Settings
+from .engine_host import EngineHost
+from .gpu_exit import EXIT_GPU_FAULT, GpuHung, exit_for_restart
+from .job import Job
+from .leases import WorkSource
+from .store import QueuedRef, StoreUnavailable
+
+log = logging.getLogger("inpaint-server.jobs")
+
+PROGRESS_FLUSH_S = 0.1  # running jobs' new log lines are written at most this often
+REFRESH_S = 1.0  # the head of the queue is read at least this often (start deadlines pass without a write)
+START_MESSAGE = "Starting inference ({n} request(s) in this batch)"
+
+
+@dataclass
+class _Prepared:
+    job: Job | None = None  # the job as loaded, its input slimmed once decoded
+    prepared: Any = None  # the engine's PreparedRequest
+    key: Any = None
+    rows: int = 1  # image rows the job adds to a batch (its num_images)
+    error: tuple[str, str, str | None] | None = None  # (error_type, message, field)
+
+
+@dataclass
+class WorkerStats:
+    """What this worker publishes in its node row (and API nodes export per worker and device)."""
+
+    busy_s: float = 0.0  # seconds the engine ran batches
+    batches: int = 0
+    rows: int = 0  # image rows over every batch
+    requests: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)  # batches by number of requests
+
+    def add(self, requests: int, rows: int, seconds: float) -> None:
+        self.busy_s += seconds
+        self.batches += 1
+        self.rows += rows
+        self.requests += requests
+        self.sizes[str(requests)] = self.sizes.get(str(requests), 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "busy_s": round(self.busy_s, 3),
+            "batches": self.batches,
+            "rows": self.rows,
+            "requests": self.requests,
+            "sizes": dict(self.sizes),
+        }
+
+
+class GpuWorker:
+    """One GPU lane: input look-ahead, batching, claiming, running, leases, GPU faults (see the module).
+
+    ``running`` is the batch on the GPU (request ids); ``held`` every job this worker holds a lease on (the
+    batch, and finished jobs whose state is still being written); ``finalizers`` the tasks writing results;
+    ``abandoned`` is set by :meth:`drain` when its grace period runs out. ``exit_process(status)`` ends the
+    process after a GPU fault (default ``os._exit``; tests record it).
+    """
+
+    def __init__(
+        self,
+        source: WorkSource,
+        host: EngineHost,
+        fetcher: InputFetcher,
+        files: FileStore,
+        settings: Settings,
+        metrics: Metrics,
+        exit_process: Callable[[int], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.host = host
+        self.fetcher = fetcher
+        self.files = files
+        self.settings = settings
+        self.metrics = metrics
+        self.stats = WorkerStats()
+        self.window: list[QueuedRef] = []  # the head of the queue as last read
+        self._prep: dict[str, asyncio.Task[_Prepared]] = {}
+        self._loaded: dict[str, Job] = {}  # jobs of the window whose row has been read (for _downloads)
+        self._changed = asyncio.Event()  # the store changed, or someone woke the lane
+        self._window_changed = asyncio.Event()
+        self._flags_due = asyncio.Event()
+        self.held: dict[str, Job] = {}
+        self.running: list[str] = []
+        self._lost: set[str] = set()  # held jobs whose lease was taken back: stopped, never finished by us
+        self._dirty: set[str] = set()  # held jobs with log lines not written yet
+        self.finalizers: set[asyncio.Task] = set()
+        self._tasks: list[asyncio.Task] = []
+        self.max_rows = 8  # image rows per batch: the engine's max_batch_rows, read once it has loaded
+        self.draining = False
+        self.abandoned = False  # the drain grace period ran out: the running batch stops and is not finalized
+        self._last_progress = time.monotonic()  # when the running batch last showed progress (the watchdog)
+        self._exit_process = exit_process or exit_for_restart
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the lane's tasks (on the running loop); it takes work once the engine is ready."""
+        self._loop = asyncio.get_running_loop()
+        self.source.watch(self.wake_threadsafe)
+        self._tasks = [
+            asyncio.create_task(self.run(), name="gpu-worker"),
+            asyncio.create_task(self._upkeep(), name="gpu-worker-upkeep"),
+        ]
+
+    async def stop(self) -> None:
+        self.source.unwatch(self.wake_threadsafe)
+        pending = [*self._tasks, *self._prep.values()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if self.finalizers:
+            await asyncio.gather(*self.finalizers, return_exceptions=True)
+
+    def wake(self) -> None:
+        """The queue may have changed (a submit, a cancel...): read it again. Event loop only."""
+        self._changed.set()
+        self._flags_due.set()
+
+    def wake_threadsafe(self) -> None:
+        """:meth:`wake` from any thread (the store's change listener)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.wake)
+
+    def is_prepared(self, job_id: str) -> bool:
+        """Whether a queued job's inputs are fetched and decoded (its look-ahead is done)."""
+        return job_id in self._prep and self._prep[job_id].done()
+
+    # ------------------------------------------------------------------ the lane
+
+    async def run(self) -> None:
+        """The worker loop (the ``gpu-worker`` task); runs until cancelled or the process exits."""
+        engine = await self.host.wait_ready()
+        if engine is None:
+            await self._serve_failed()
+        self.max_rows = int(getattr(engine, "max_batch_rows", self.max_rows))
+        lookahead = asyncio.create_task(self._lookahead(engine), name="gpu-worker-lookahead")
+        self._tasks.append(lookahead)
+        while True:
+            try:
+                await self._run_next(engine)
+            except asyncio.CancelledError:
+                raise
+            except StoreUnavailable as exc:  # the queued jobs wait; the store reconnects by itself
+                log.warning("job store unavailable, the GPU lane waits: %s", exc)
+                await asyncio.sleep(1.0)
+            except Exception:  # never let one bad batch stop the lane
+                log.exception("GPU worker iteration failed")
+                await asyncio.sleep(0.1)
+
+    async def _serve_failed(self) -> None:
+        """The models did not load: this worker runs nothing. While no other worker can run the queue, its
+        requests fail at once (``engine_unavailable``) instead of waiting forever."""
+        message = f"the models failed to load ({public_message(self.host.error or '')}); see the server log"
+        while True:
+            try:
+                if not self.source.others_can_run():
+                    for ref in self.source.head(100):
+                        job = self.source.load(ref.id)
+                        if job is not None:
+                            self.source.fail_queued(job, "engine_unavailable", message)
+            except StoreUnavailable as exc:
+                log.warning("job store unavailable: %s", exc)
+            except Exception:
+                log.exception("failing the queue after a failed load")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), REFRESH_S)
+
+    async def _run_next(self, engine: ServingEngine) -> None:
+        while not self.window or self.draining:
+            await self._next_window()
+        head = self._next_head()
+        task = self._ensure_prepared(engine, head)
+        # Wait for the head's inputs, but look again when the queue changes (cancel, higher priority) or, while
+        # the head downloads, when the inputs of a job behind it are ready.
+        self._window_changed.clear()
+        changed = asyncio.ensure_future(self._window_changed.wait())
+        waits = {task, changed}
+        if not task.done() and self._downloads(head):
+            waits |= {t for t in self._prep.values() if not t.done()}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+        if not task.done() or not self._queued(head.id) or self.draining:
+            return
+        prep = task.result()
+        if prep.error is not None:
+            self._fail_queued(head.id, *prep.error)
+            return
+        if self._timed_out(head):
+            return
+        batch = self._collect(head, prep)
+        if self._room(batch) and self.settings.batch_window_ms > 0 and self._may_grow(batch):
+            batch = await self._fill(engine, head, prep, batch)
+            if not self._queued(head.id) or self.draining:
+                return
+        await self._run_batch(engine, batch)
+
+    async def _next_window(self) -> None:
+        self._window_changed.clear()
+        await self._window_changed.wait()
+
+    def _queued(self, job_id: str) -> bool:
+        return any(ref.id == job_id for ref in self.window)
+
+    def _collect(self, head: QueuedRef, prep: _Prepared) -> list[QueuedRef]:
+        """The head and the queued jobs whose inputs are ready with the same batch key, up to the batch size
+        and up to the engine's image rows per batch (``num_images`` summed: a shape the warm-up built)."""
+        batch, rows = [head], prep.rows
+        for ref in self.window[: self.settings.max_batch_size * 4]:
+            if len(batch) >= self.settings.max_batch_size or rows >= self.max_rows:
+                break
+            if ref.id == head.id or not self.is_prepared(ref.id) or self._prep[ref.id].cancelled():
+                continue
+            p = self._prep[ref.id].result()
+            fits = rows + p.rows <= self.max_rows
+            if p.error is None and p.key == prep.key and fits and not self._timed_out(ref):
+                batch.append(ref)
+                rows += p.rows
+        return batch
+
+    def _room(self, batch: list[QueuedRef]) -> bool:
+        """Whether another job could still join ``batch`` (fewer jobs than max_batch_size, rows to spare)."""
+        rows = sum(self._prep[r.id].result().rows for r in batch if self.is_prepared(r.id))
+        return len(batch) < self.settings.max_batch_size and rows < self.max_rows
+
+    def _may_grow(self, batch: list[QueuedRef]) -> bool:
+        """Whether waiting ``batch_window_ms`` could add to ``batch``: another queued job's inputs are still
+        being fetched or decoded (its batch key is not known yet). With nothing else queued, or everything
+        else prepared for another batch, the batch runs at once."""
+        members = {ref.id for ref in batch}
+        for ref in self.window[: self.settings.max_batch_size * 4]:
+            task = self._prep.get(ref.id)
+            if ref.id not in members and (task is None or not task.done()):
+                return True
+        return False
+
+    async def _fill(
+        self, engine: ServingEngine, head: QueuedRef, prep: _Prepared, batch: list[QueuedRef]
+    ) -> list[QueuedRef]:
+        """Wait up to ``batch_window_ms`` for batch-mates: requests submitted meanwhile, or queued ones whose
+        inputs are still being fetched. Returns as soon as the batch is full; re-collects on every change."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.batch_window_ms / 1000
+        while self._room(batch) and self._queued(head.id) and not self.draining:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            self._window_changed.clear()
+            changed = asyncio.ensure_future(self._window_changed.wait())
+            pending = {t for t in self._prep.values() if not t.done()}
+            try:
+                await asyncio.wait(pending | {changed}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+            batch = self._collect(head, prep)
+        return batch
+
+    def _fail_queued(self, job_id: str, error_type: str, message: str, field: str | None = None) -> None:
+        """Fail a job that has not started (bad input, start timeout), if it is still queued."""
+        task = self._prep.pop(job_id, None)
+        job = self._loaded.pop(job_id, None)
+        if task is not None and task.done() and not task.cancelled() and task.result().job is not None:
+            job = task.result().job
+        if job is None:
+            return
+        self.source.fail_queued(job, error_type, message, field)
+        self.window = [ref for ref in self.window if ref.id != job_id]
+        self._changed.set()
+
+    def _timed_out(self, ref: QueuedRef) -> bool:
+        """Fail a queued job whose start deadline (X-Fal-Request-Timeout) has passed."""
+        if ref.start_deadline is not None and self.source.clock() >= ref.start_deadline:
+            self._fail_queued(ref.id, "request_timeout", "the request did not start before its start timeout")
+            return True
+        return False
+
+    # ------------------------------------------------------------------ running a batch
+
+    async def _run_batch(self, engine: ServingEngine, refs: list[QueuedRef]) -> None:
+        preps = {ref.id: self._prep[ref.id].result() for ref in refs}
+        batch = self.source.claim([ref.id for ref in refs], START_MESSAGE)  # durable first; raises if the store is down
+        claimed = {job.id for job in batch}
+        for ref in refs:
+            self._prep.pop(ref.id, None)
+            self._loaded.pop(ref.id, None)
+        self.window = [ref for ref in self.window if ref.id not in preps]
+        self._changed.set()  # read the queue again: fetch the next inputs while the GPU works
+        if len(claimed) < len(refs):
+            log.info(
+                "%d of %d requests were taken meanwhile (another worker, a cancel)", len(refs) - len(claimed), len(refs)
+            )
+        if not batch:
+            return
+        now = self.source.clock()
+        for job in batch:
+            job.input = preps[job.id].job.input if preps[job.id].job is not None else {}
+            self.held[job.id] = job
+            self.metrics.latency.labels(job.app_id, "queue").observe(max(now - job.created_at, 0.0))
+            log.info("request %s running (attempt %d, batch of %d)", job.id, job.attempts, len(batch))
+        self.running = [job.id for job in batch]
+        self.metrics.batch_size.observe(len(batch))
+        started = time.perf_counter()
+        results, error = await self._run_engine(engine, batch, [preps[job.id].prepared for job in batch])
+        self.stats.add(len(batch), sum(preps[job.id].rows for job in batch), time.perf_counter() - started)
+        if self.abandoned or error == "gpu_fault":  # the rows stay running: another start runs them again
+            return
+        self.running = []
+        by_id = {r.request_id: r for r in results or ()}
+        for job in batch:
+            result = by_id.get(job.id) if results is not None else None
+            task = asyncio.create_task(self._finalize(job, result, error))
+            self.finalizers.add(task)
+            task.add_done_callback(self.finalizers.discard)
+
+    async def _run_engine(self, engine: ServingEngine, batch: list[Job], prepared: list[Any]) -> tuple[Any, str | None]:
+        """The engine's results for the batch (on the host's single GPU thread, where the warm-up captured the
+        CUDA graphs), or None and why not."""
+        loop = asyncio.get_running_loop()
+        jobs = {job.id: job for job in batch}
+
+        def should_stop(request_id: str) -> bool:
+            job = jobs.get(request_id)
+            return job is not None and (job.cancel_requested or request_id in self._lost or self.abandoned)
+
+        def on_progress(request_id: str, step: int, total: int) -> None:
+            self._last_progress = time.monotonic()  # read by the watchdog (on this thread: no loop lag)
+            loop.call_soon_threadsafe(self._progress, request_id, step, total)
+
+        self._last_progress = time.monotonic()
+        try:
+            work = loop.run_in_executor(self.host.gpu, engine.run, prepared, should_stop, on_progress)
+            return await self._watched(work), None
+        except (GpuFatalError, GpuHung) as exc:
+            await self._gpu_fault(batch, str(exc))
+            return None, "gpu_fault"
+        except Exception as exc:
+            log.exception("engine failure on a batch of %d", len(batch))
+            return None, f"inference failed: {type(exc).__name__}"
+
+    def _progress(self, request_id: str, step: int, total: int) -> None:
+        job = self.held.get(request_id)
+        if job is not None and request_id in self.running:
+            job.add_log(f"Step {step}/{total}", when=self.source.clock())
+            self._dirty.add(request_id)
+
+    async def _finalize(self, job: Job, result: Any, error: str | None) -> None:
+        """Write a job's terminal state as the holder of its lease: its images, or its error."""
+        try:
+            for warning in getattr(result, "warnings", None) or ():
+                job.add_log(warning, "WARN", self.source.clock())
+            if job.id in self._lost:
+                return
+            if error is not None:
+                await self._write(job, lambda: self.source.fail(job, "engine_error", error))
+            elif result is None:
+                await self._write(job, lambda: self.source.fail(job, "engine_error", "the engine returned no result"))
+            elif job.cancel_requested or isinstance(result.error, RequestCancelled):
+                message = "the request was cancelled while running"
+                await self._write(job, lambda: self.source.fail(job, "cancelled", message))
+            elif result.error is not None:
+                field = getattr(result.error, "field", None)
+                message = getattr(result.error, "message", None) or str(result.error)
+                await self._write(job, lambda: self.source.fail(job, result.error.error_type, message, field))
+            else:
+                output = await asyncio.to_thread(encode_output, job, result, self.files)
+                await self._write(job, lambda: self.source.succeed(job, output, result.timings))
+        except Exception:
+            log.exception("finalizing request %s failed", job.id)
+            if not job.state.is_terminal():
+                await self._write(job, lambda: self.source.fail(job, "internal_error", "the result could not be saved"))
+        finally:
+            self.held.pop(job.id, None)
+            self._dirty.discard(job.id)
+            self._lost.discard(job.id)
+
+    async def _write(self, job: Job, write: Callable[[], bool]) -> None:
+        """Write a terminal state; while the store is down, keep it here and try again (the job stays held, so
+        its lease is renewed once the store is back). Until written, the store still says running: a crash
+        meanwhile runs the job again (same seed) rather than losing it."""
+        delay, retried = 0.5, False
+        while True:
+            try:
+                write()
+                if retried:
+                    log.info("request %s: its %s state is saved now that the store is back", job.id, job.state.value)
+                return
+            except StoreUnavailable as exc:
+                if not retried:
+                    log.warning(
+                        "request %s %s, but the job store is unavailable; saving it later: %s",
+                        job.id,
+                        job.state.value,
+                        exc,
+                    )
+            if job.id in self._lost:
+                return
+            await asyncio.sleep(delay)
+            delay, retried = min(delay * 2, 2.0), True
+
+    # ------------------------------------------------------------------ leases, cancel flags, progress
+
+    async def _upkeep(self) -> None:
+        """While jobs are held: renew their leases every ``lease_s / 3``, read cancel flags when the store changes,
+        and write new log lines every :data:`PROGRESS_FLUSH_S`."""
+        lease_s = self.source.lease_s
+        next_renew = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flags_due.wait(), PROGRESS_FLUSH_S)
+            flags_due = self._flags_due.is_set()
+            self._flags_due.clear()
+            if not self.held:
+                continue
+            try:
+                if time.monotonic() >= next_renew:
+                    self._renew()
+                    next_renew = time.monotonic() + lease_s / 3
+                if flags_due:
+                    self._read_cancel_flags()
+                self._flush_progress()
+            except StoreUnavailable as exc:
+                log.warning("job store unavailable (leases and progress wait): %s", exc)
+                next_renew = 0.0
+                await asyncio.sleep(0.5)
+            except Exception:
+                log.exception("worker upkeep failed")
+
+    def _renew(self) -> None:
+        held = set(self.held) - self._lost
+        lost = held - self.source.renew(held)
+        for job_id in lost:
+            log.warning("request %s: the lease was taken back; it stops here and runs elsewhere", job_id)
+        self._lost |= lost
+
+    def _read_cancel_flags(self) -> None:
+        running = [job_id for job_id in self.running if not self.held[job_id].cancel_requested]
+        for job_id in self.source.cancel_flags(running):
+            self.stop_running(job_id)
+
+    def stop_running(self, job_id: str) -> None:
+        """Stop a running job of ours at its next step (its cancel flag is, or is being, set in the store).
+        The API in this process calls it directly, so an embedded cancel does not wait for the change feed."""
+        job = self.held.get(job_id)
+        if job is None or job_id not in self.running or job.cancel_requested:
+            return
+        job.cancel_requested = True
+        job.add_log("Cancellation requested; stopping at the next step", "WARN", self.source.clock())
+        self._dirty.add(job_id)
+        log.info("request %s cancellation requested while running", job_id)
+
+    def _flush_progress(self) -> None:
+        if self._dirty:
+            dirty = [self.held[i] for i in self._dirty if i in self.held and i not in self._lost]
+            self.source.progress(dirty)
+            self._dirty.clear()
+
+    # ------------------------------------------------------------------ draining and GPU faults
+
+    async def drain(self, grace_s: float) -> bool:
+        """Take no more batches and give the running one up to ``grace_s`` seconds to finish (results written).
+
+        Returns whether it finished in time; if not, it is asked to stop at its next step and its rows stay
+        ``running``: another start (or another worker, once the lease is taken back) runs it again, within
+        ``max_attempts``."""
+        if not self.draining:
+            self.draining = True
+            self.wake()
+        deadline = time.monotonic() + grace_s
+        while (self.running or self.finalizers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.running:
+            self._abandon(grace_s)
+        if self.finalizers:  # the batch finished in time; its results are being written
+            await asyncio.gather(*self.finalizers, return_exceptions=True)
+        return not self.abandoned
+
+    def _abandon(self, grace_s: float) -> None:
+        self.abandoned = True
+        now = self.source.clock()
+        for job_id in self.running:
+            self.held[job_id].add_log(
+                f"The server shut down before this request finished ({grace_s:g} s grace period); "
+                "it runs again when the server restarts (within max_attempts)",
+                "WARN",
+                now,
+            )
+            self._dirty.add(job_id)
+        try:
+            self._flush_progress()
+        except StoreUnavailable as exc:
+            log.warning("job store unavailable: %s", exc)
+        log.warning("drain grace over (%g s); %d running requests run again", grace_s, len(self.running))
+
+    async def _watched(self, work: Any) -> Any:
+        """Await the engine; raise :class:`GpuHung` once it shows no progress for ``step_timeout_s``.
+
+        Progress is a denoising step; the time before the first step (text encoding) and after the
+        last (VAE decode, safety checker) counts too, so the limit must cover those stages as well.
+        """
+        task = asyncio.ensure_future(work)
+        limit = self.settings.step_timeout_s
+        if not limit:
+            return await task
+        interval = min(1.0, max(limit / 4, 0.05))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=interval)
+            if done:
+                return task.result()
+            idle = time.monotonic() - self._last_progress
+            if idle > limit:
+                raise GpuHung(f"the GPU made no progress for {idle:.1f} s (step_timeout_s={limit:g}); presumed hung")
+
+    async def _gpu_fault(self, batch: list[Job], reason: str) -> None:
+        """A fatal GPU error or a hung GPU: this process cannot run anything any more.
+
+        Readiness turns 503 with the reason; the batch's rows stay ``running`` with their attempt counted, so
+        once this process has exited they are taken back and run once more (or fail ``interrupted`` after
+        ``max_attempts``: a job that crashes the process every time is not replayed forever); results of
+        earlier batches still being written are let finish; then the process exits with EXIT_GPU_FAULT for
+        the supervisor to restart it.
+        """
+        self.host.fault(reason)
+        log.critical("GPU fault, this worker stops: %s (requests %s)", reason, ", ".join(j.id for j in batch))
+        now = self.source.clock()
+        for job in batch:
+            message = "GPU fault during this request; it runs again after a restart, if attempts remain"
+            job.add_log(message, "ERROR", now)
+            self._dirty.add(job.id)
+        try:
+            self._flush_progress()
+        except StoreUnavailable as exc:
+            log.warning("job store unavailable: %s", exc)
+        if self.finalizers:
+            await asyncio.wait(set(self.finalizers), timeout=30)
+        await asyncio.sleep(self.settings.gpu_fault_exit_delay_s)  # readiness probes see the 503 meanwhile
+        log.critical("exiting with status %d so that a supervisor restarts it", EXIT_GPU_FAULT)
+        self._exit_process(EXIT_GPU_FAULT)
+        await asyncio.Event().wait()  # (exit replaced in tests) the lane stays stopped, as in a dead process
+
+    # ------------------------------------------------------------------ input look-ahead
+
+    async def _lookahead(self, engine: ServingEngine) -> None:
+        """Read the head of the queue whenever the store changes (and every :data:`REFRESH_S`), forget the
+        inputs of jobs that left it, and start fetching and decoding the first ones."""
+        self._changed.set()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), REFRESH_S)
+            self._changed.clear()
+            if not self.draining:
+                try:
+                    self._set_window(engine, self.source.head(self.settings.max_batch_size * 8))
+                except StoreUnavailable as exc:
+                    log.warning("job store unavailable, the look-ahead waits: %s", exc)
+                    await asyncio.sleep(1.0)
+                except Exception:
+                    log.exception("reading the queue failed")
+                    await asyncio.sleep(0.1)
+            self._window_changed.set()
+            await asyncio.sleep(0.002)  # a burst of changes is read once
+
+    def _set_window(self, engine: ServingEngine, refs: list[QueuedRef]) -> None:
+        self.window = refs
+        ids = {ref.id for ref in refs}
+        for job_id in [i for i in self._prep if i not in ids]:  # left the queue: claimed, cancelled, failed
+            self._prep.pop(job_id).cancel()
+            self._loaded.pop(job_id, None)
+        for ref in refs[: self.settings.max_batch_size * 2]:
+            self._ensure_prepared(engine, ref)
+
+    def _ensure_prepared(self, engine: ServingEngine, ref: QueuedRef) -> asyncio.Task[_Prepared]:
+        if ref.id not in self._prep:
+            self._prep[ref.id] = asyncio.create_task(self._prepare(engine, ref.id), name=f"prepare-{ref.id}")
+        return self._prep[ref.id]
+
+    def _next_head(self) -> QueuedRef:
+        """The job to run next: the queue's head or, while the head still downloads a remote input, the oldest
+        job behind it whose inputs are ready, so a slow image host cannot hold the GPU lane (case S7)."""
+        window = self.window[: self.settings.max_batch_size * 2]
+        head = window[0]
+        if not self._downloads(head) or self.is_prepared(head.id):
+            return head
+        return next((ref for ref in window[1:] if self.is_prepared(ref.id)), head)
+
+    def _downloads(self, ref: QueuedRef) -> bool:
+        """Whether preparing the job fetches a URL over the network (not only data URIs and this server's files)."""
+        job = self._loaded.get(ref.id)
+        if job is None:
+            return False
+        data = job.input
+        embeddings = [e.get("path") for e in data.get("embeddings") or [] if isinstance(e, dict)]
+        return any(self.fetcher.is_remote(s) for s in (data.get("image_url"), data.get("mask_url"), *embeddings))
+
+    async def _prepare(self, engine: ServingEngine, job_id: str) -> _Prepared:
+        started = time.perf_counter()
+        job = await asyncio.to_thread(self.source.load, job_id)
+        if job is None:
+            return _Prepared(error=("internal_error", "the request vanished from the store", None))
+        self._loaded[job_id] = job
+        try:
+            request = await self._request(job)
+            fetched = time.perf_counter()
+            prepared = await asyncio.to_thread(engine.prepare, request)
+            prepared.timings["fetch"] = fetched - started
+            slim_input(job)
+            return _Prepared(job=job, prepared=prepared, key=engine.batch_key(prepared), rows=request.num_images)
+        except InputFetchError as exc:
+            return _Prepared(job=job, error=(exc.error_type, exc.message, exc.field))
+        except InputError as exc:
+            return _Prepared(job=job, error=("invalid_input", exc.message, exc.field))
+        except EngineError as exc:
+            return _Prepared(job=job, error=(exc.error_type, str(exc), None))
+        except Exception as exc:
+            log.exception("preparing request %s failed", job.id)
+            return _Prepared(
+                job=job, error=("internal_error", f"could not prepare the request ({type(exc).__name__})", None)
+            )
+
+    async def _request(self, job: Job) -> InpaintRequest:
+        """The engine's request for a job: its inputs fetched (URLs, data URIs, this server's files)."""
+        data = job.input
+        image, mask = await asyncio.gather(
+            self.fetcher.fetch(data["image_url"], "image_url"), self.fetcher.fetch(data["mask_url"], "mask_url")
+        )
+        embeddings = []
+        for i, emb in enumerate(data.get("embeddings") or []):
+            raw = await self.fetcher.fetch(emb["path"], f"embeddings.{i}.path")
+            embeddings.append(Embedding(data=raw, tokens=list(emb.get("tokens") or ["<s0>", "<s1>"]), name=f"e{i}"))
+        return InpaintRequest(
+            app_id=job.app_id,
+            image=image,
+            mask=mask,
+            prompt=data["prompt"],
+            steps=int(data["num_inference_steps"]),
+            strength=float(data["strength"]),
+            seed=job.seed,
+            num_images=int(data["num_images"]),
+            image_size=image_size_of_json(data["image_size"]),
+            embeddings=embeddings,
+            enable_safety_checker=bool(data["enable_safety_checker"]),
+            expand_prompt=bool(data["expand_prompt"]),
+            request_id=job.id,
+            max_image_pixels=self.settings.max_image_pixels,
+        )
