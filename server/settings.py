@@ -239,7 +239,9 @@ class Settings(BaseSettings):
         True, description="Sign webhooks with Ed25519 (X-Fal-Webhook-* headers; keys at /.well-known/jwks.json)."
     )
     webhook_key_file: Path | None = Field(
-        None, description="Ed25519 private key (PEM) for webhook signatures; default DATA_DIR/webhook-ed25519.pem."
+        None,
+        description="Ed25519 private key (PEM) for webhook signatures; default: one key kept in the job store, "
+        "shared by every API node.",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="Origins allowed to call the API from a browser."
