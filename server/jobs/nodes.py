@@ -23,7 +23,7 @@ import math
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import outcomes
@@ -228,3 +228,30 @@ class Sweeper:
 
 
 _SYNC_ORPHAN = "the server that took this synchronous run stopped before it finished (nobody waits for it); retry it"
+
+
+@dataclass
+class WorkerStats:
+    """What this worker publishes in its node row (and API nodes export per worker and device)."""
+
+    busy_s: float = 0.0  # seconds the engine ran batches
+    batches: int = 0
+    rows: int = 0  # image rows over every batch
+    requests: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)  # batches by number of requests
+
+    def add(self, requests: int, rows: int, seconds: float) -> None:
+        self.busy_s += seconds
+        self.batches += 1
+        self.rows += rows
+        self.requests += requests
+        self.sizes[str(requests)] = self.sizes.get(str(requests), 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "busy_s": round(self.busy_s, 3),
+            "batches": self.batches,
+            "rows": self.rows,
+            "requests": self.requests,
+            "sizes": dict(self.sizes),
+        }

@@ -20,16 +20,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines import Embedding, InpaintRequest
-from pipelines.errors import EngineError, GpuFatalError, InputError, RequestCancelled
+from pipelines.errors import GpuFatalError, RequestCancelled
 from pipelines.serving import ServingEngine
 
 from ..delivery.file_store import FileStore
 from ..delivery.result_encoding import encode_output
-from ..inputs.input_fetch import InputFetcher, InputFetchError, image_size_of_json, slim_input
+from ..inputs.input_fetch import InputFetcher
 from ..metrics import Metrics
 from ..redact import public_message
 from ..settings import Settings
@@ -37,6 +35,8 @@ from .engine_host import EngineHost
 from .gpu_exit import EXIT_GPU_FAULT, GpuHung, exit_for_restart
 from .job import Job
 from .leases import WorkSource
+from .nodes import WorkerStats
+from .preparing import JobPreparer, Prepared
 from .store import QueuedRef, StoreUnavailable
 
 log = logging.getLogger("inpaint-server.jobs")
@@ -44,42 +44,6 @@ log = logging.getLogger("inpaint-server.jobs")
 PROGRESS_FLUSH_S = 0.1  # running jobs' new log lines are written at most this often
 REFRESH_S = 1.0  # the head of the queue is read at least this often (start deadlines pass without a write)
 START_MESSAGE = "Starting inference ({n} request(s) in this batch)"
-
-
-@dataclass
-class _Prepared:
-    job: Job | None = None  # the job as loaded, its input slimmed once decoded
-    prepared: Any = None  # the engine's PreparedRequest
-    key: Any = None
-    rows: int = 1  # image rows the job adds to a batch (its num_images)
-    error: tuple[str, str, str | None] | None = None  # (error_type, message, field)
-
-
-@dataclass
-class WorkerStats:
-    """What this worker publishes in its node row (and API nodes export per worker and device)."""
-
-    busy_s: float = 0.0  # seconds the engine ran batches
-    batches: int = 0
-    rows: int = 0  # image rows over every batch
-    requests: int = 0
-    sizes: dict[str, int] = field(default_factory=dict)  # batches by number of requests
-
-    def add(self, requests: int, rows: int, seconds: float) -> None:
-        self.busy_s += seconds
-        self.batches += 1
-        self.rows += rows
-        self.requests += requests
-        self.sizes[str(requests)] = self.sizes.get(str(requests), 0) + 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "busy_s": round(self.busy_s, 3),
-            "batches": self.batches,
-            "rows": self.rows,
-            "requests": self.requests,
-            "sizes": dict(self.sizes),
-        }
 
 
 class GpuWorker:
@@ -109,8 +73,8 @@ class GpuWorker:
         self.metrics = metrics
         self.stats = WorkerStats()
         self.window: list[QueuedRef] = []  # the head of the queue as last read
-        self._prep: dict[str, asyncio.Task[_Prepared]] = {}
-        self._loaded: dict[str, Job] = {}  # jobs of the window whose row has been read (for _downloads)
+        self._prep: dict[str, asyncio.Task[Prepared]] = {}
+        self.preparer = JobPreparer(source, fetcher, settings.max_image_pixels)
         self._changed = asyncio.Event()  # the store changed, or someone woke the lane
         self._window_changed = asyncio.Event()
         self._flags_due = asyncio.Event()
@@ -240,7 +204,7 @@ class GpuWorker:
     def _queued(self, job_id: str) -> bool:
         return any(ref.id == job_id for ref in self.window)
 
-    def _collect(self, head: QueuedRef, prep: _Prepared) -> list[QueuedRef]:
+    def _collect(self, head: QueuedRef, prep: Prepared) -> list[QueuedRef]:
         """The head and the queued jobs whose inputs are ready with the same batch key, up to the batch size
         and up to the engine's image rows per batch (``num_images`` summed: a shape the warm-up built)."""
         batch, rows = [head], prep.rows
@@ -273,7 +237,7 @@ class GpuWorker:
         return False
 
     async def _fill(
-        self, engine: ServingEngine, head: QueuedRef, prep: _Prepared, batch: list[QueuedRef]
+        self, engine: ServingEngine, head: QueuedRef, prep: Prepared, batch: list[QueuedRef]
     ) -> list[QueuedRef]:
         """Wait up to ``batch_window_ms`` for batch-mates: requests submitted meanwhile, or queued ones whose
         inputs are still being fetched. Returns as soon as the batch is full; re-collects on every change."""
@@ -296,7 +260,7 @@ class GpuWorker:
     def _fail_queued(self, job_id: str, error_type: str, message: str, field: str | None = None) -> None:
         """Fail a job that has not started (bad input, start timeout), if it is still queued."""
         task = self._prep.pop(job_id, None)
-        job = self._loaded.pop(job_id, None)
+        job = self.preparer.loaded.pop(job_id, None)
         if task is not None and task.done() and not task.cancelled() and task.result().job is not None:
             job = task.result().job
         if job is None:
@@ -320,7 +284,7 @@ class GpuWorker:
         claimed = {job.id for job in batch}
         for ref in refs:
             self._prep.pop(ref.id, None)
-            self._loaded.pop(ref.id, None)
+            self.preparer.loaded.pop(ref.id, None)
         self.window = [ref for ref in self.window if ref.id not in preps]
         self._changed.set()  # read the queue again: fetch the next inputs while the GPU works
         if len(claimed) < len(refs):
@@ -602,14 +566,17 @@ class GpuWorker:
         ids = {ref.id for ref in refs}
         for job_id in [i for i in self._prep if i not in ids]:  # left the queue: claimed, cancelled, failed
             self._prep.pop(job_id).cancel()
-            self._loaded.pop(job_id, None)
+            self.preparer.loaded.pop(job_id, None)
         for ref in refs[: self.settings.max_batch_size * 2]:
             self._ensure_prepared(engine, ref)
 
-    def _ensure_prepared(self, engine: ServingEngine, ref: QueuedRef) -> asyncio.Task[_Prepared]:
+    def _ensure_prepared(self, engine: ServingEngine, ref: QueuedRef) -> asyncio.Task[Prepared]:
         if ref.id not in self._prep:
-            self._prep[ref.id] = asyncio.create_task(self._prepare(engine, ref.id), name=f"prepare-{ref.id}")
+            self._prep[ref.id] = asyncio.create_task(self.preparer.prepare(engine, ref.id), name=f"prepare-{ref.id}")
         return self._prep[ref.id]
+
+    def _downloads(self, ref: QueuedRef) -> bool:
+        return self.preparer.downloads(ref.id)
 
     def _next_head(self) -> QueuedRef:
         """The job to run next: the queue's head or, while the head still downloads a remote input, the oldest
@@ -619,64 +586,3 @@ class GpuWorker:
         if not self._downloads(head) or self.is_prepared(head.id):
             return head
         return next((ref for ref in window[1:] if self.is_prepared(ref.id)), head)
-
-    def _downloads(self, ref: QueuedRef) -> bool:
-        """Whether preparing the job fetches a URL over the network (not only data URIs and this server's files)."""
-        job = self._loaded.get(ref.id)
-        if job is None:
-            return False
-        data = job.input
-        embeddings = [e.get("path") for e in data.get("embeddings") or [] if isinstance(e, dict)]
-        return any(self.fetcher.is_remote(s) for s in (data.get("image_url"), data.get("mask_url"), *embeddings))
-
-    async def _prepare(self, engine: ServingEngine, job_id: str) -> _Prepared:
-        started = time.perf_counter()
-        job = await asyncio.to_thread(self.source.load, job_id)
-        if job is None:
-            return _Prepared(error=("internal_error", "the request vanished from the store", None))
-        self._loaded[job_id] = job
-        try:
-            request = await self._request(job)
-            fetched = time.perf_counter()
-            prepared = await asyncio.to_thread(engine.prepare, request)
-            prepared.timings["fetch"] = fetched - started
-            slim_input(job)
-            return _Prepared(job=job, prepared=prepared, key=engine.batch_key(prepared), rows=request.num_images)
-        except InputFetchError as exc:
-            return _Prepared(job=job, error=(exc.error_type, exc.message, exc.field))
-        except InputError as exc:
-            return _Prepared(job=job, error=("invalid_input", exc.message, exc.field))
-        except EngineError as exc:
-            return _Prepared(job=job, error=(exc.error_type, str(exc), None))
-        except Exception as exc:
-            log.exception("preparing request %s failed", job.id)
-            return _Prepared(
-                job=job, error=("internal_error", f"could not prepare the request ({type(exc).__name__})", None)
-            )
-
-    async def _request(self, job: Job) -> InpaintRequest:
-        """The engine's request for a job: its inputs fetched (URLs, data URIs, this server's files)."""
-        data = job.input
-        image, mask = await asyncio.gather(
-            self.fetcher.fetch(data["image_url"], "image_url"), self.fetcher.fetch(data["mask_url"], "mask_url")
-        )
-        embeddings = []
-        for i, emb in enumerate(data.get("embeddings") or []):
-            raw = await self.fetcher.fetch(emb["path"], f"embeddings.{i}.path")
-            embeddings.append(Embedding(data=raw, tokens=list(emb.get("tokens") or ["<s0>", "<s1>"]), name=f"e{i}"))
-        return InpaintRequest(
-            app_id=job.app_id,
-            image=image,
-            mask=mask,
-            prompt=data["prompt"],
-            steps=int(data["num_inference_steps"]),
-            strength=float(data["strength"]),
-            seed=job.seed,
-            num_images=int(data["num_images"]),
-            image_size=image_size_of_json(data["image_size"]),
-            embeddings=embeddings,
-            enable_safety_checker=bool(data["enable_safety_checker"]),
-            expand_prompt=bool(data["expand_prompt"]),
-            request_id=job.id,
-            max_image_pixels=self.settings.max_image_pixels,
-        )
