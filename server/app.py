@@ -28,7 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 from pipelines.specs import load_serving_spec
 
 from . import __version__
-from .delivery.file_store import FilesUnavailable, file_response, open_files
+from .delivery.file_store import FilesUnavailable, file_response
 from .delivery.webhooks import WebhookSender, WebhookSigner, new_key_pem
 from .http.auth import KeyAuth
 from .http.errors import ERROR_TYPE_HEADER, ApiError, FilesDown, NotFound, StoreDown, error_response
@@ -40,13 +40,13 @@ from .http.upload_routes import UploadTokens, storage_router
 from .inputs.url_guard import FetchGuard, HostResolver, resolve_host
 from .jobs.nodes import Node
 from .jobs.service import JobService
-from .jobs.store import JobStore, StoreUnavailable, open_store
+from .jobs.store import JobStore, StoreUnavailable
 from .jobs.store.base import NodeRow, this_host
 from .jobs.supervisor import WorkerSupervisor
 from .metrics import Metrics
 from .redact import public_message
 from .settings import Settings
-from .worker_app import build_gpu_lane
+from .worker_app import build_gpu_lane, open_stores
 
 log = logging.getLogger("inpaint-server")
 
@@ -86,9 +86,7 @@ def create_app(
     spec = load_serving_spec(settings.config_dir, settings.model_paths)
     apps = list(spec.apps.values())
     data_dir = settings.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.store, data_dir)
-    files = open_files(settings.files, data_dir)
+    store, files = open_stores(settings)
     metrics = Metrics()
     auth = KeyAuth(settings.api_keys)
     fetch_guard = FetchGuard(

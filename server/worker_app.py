@@ -83,6 +83,12 @@ def build_gpu_lane(
     return GpuLane(host, fetcher, leases, worker)
 
 
+def open_stores(settings: Settings) -> tuple[JobStore, FileStore]:
+    """The job store and the file store the settings name (the data directory made if missing)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return open_store(settings.store, settings.data_dir), open_files(settings.files, settings.data_dir)
+
+
 def default_loader(settings: Settings) -> Callable[[], Any]:
     """Builds the engine the settings describe, in the engine's thread (``pipelines.serving``: torch stays there)."""
     from pipelines.serving import EngineSettings, build_engine
@@ -100,10 +106,7 @@ def create_worker_app(
     exit_process: Callable[[int], None] | None = None,
 ) -> FastAPI:
     """A worker process's app: the GPU lane in its lifespan, health and metrics as routes."""
-    data_dir = settings.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.store, data_dir)
-    files = open_files(settings.files, data_dir)
+    store, files = open_stores(settings)
     metrics = Metrics()
     from pipelines.serving import pick_device  # a worker process imports torch anyway
 

@@ -130,39 +130,38 @@ class StillInProgress(ApiError):
     error_type = "still_in_progress"
 
 
-class Draining(ApiError):
-    """SIGTERM was received: no new work. 503 with Retry-After, so clients retry (another instance, or this one
-    after its restart)."""
+class RetryLater(ApiError):
+    """503 with ``Retry-After``: nothing was written, so clients retry (fal's clients do on 503)."""
 
     status = 503
+    retry_after_s = 2
+    default_detail = "the server cannot take this request for a moment; retry shortly"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail or self.default_detail, headers={"Retry-After": str(self.retry_after_s)})
+
+
+class Draining(RetryLater):
+    """SIGTERM was received: no new work (retry on another instance, or this one after its restart)."""
+
     error_type = "draining"
     retry_after_s = 10
-
-    def __init__(self, detail: str = "the server is shutting down and accepts no new requests; retry shortly") -> None:
-        super().__init__(detail, headers={"Retry-After": str(self.retry_after_s)})
+    default_detail = "the server is shutting down and accepts no new requests; retry shortly"
 
 
-class StoreDown(ApiError):
-    """The job store cannot be reached (PostgreSQL restarting, a network cut): nothing was written. 503 with
-    Retry-After, so clients retry; the request was not acknowledged, so nothing is lost."""
+class StoreDown(RetryLater):
+    """The job store cannot be reached (PostgreSQL restarting, a network cut): the request was not
+    acknowledged, so nothing is lost."""
 
-    status = 503
     error_type = "store_unavailable"
-    retry_after_s = 2
-
-    def __init__(self, detail: str = "the job store is unavailable for a moment; nothing was written, retry shortly"):
-        super().__init__(detail, headers={"Retry-After": str(self.retry_after_s)})
+    default_detail = "the job store is unavailable for a moment; nothing was written, retry shortly"
 
 
-class FilesDown(ApiError):
-    """The file store (a bucket) cannot be reached: 503 with Retry-After; the file is not lost."""
+class FilesDown(RetryLater):
+    """The file store (a bucket) cannot be reached; the file is not lost."""
 
-    status = 503
     error_type = "files_unavailable"
-    retry_after_s = 2
-
-    def __init__(self, detail: str = "the file store is unavailable for a moment; retry shortly"):
-        super().__init__(detail, headers={"Retry-After": str(self.retry_after_s)})
+    default_detail = "the file store is unavailable for a moment; retry shortly"
 
 
 class IdempotencyKeyReused(ApiError):
