@@ -76,8 +76,14 @@ def _run(server: ServerProcess, db: Path) -> None:
         state, attempts, logs = _query(db, "SELECT state, attempts, logs FROM jobs WHERE id = ?", (victim_job,))[0]
         assert (state, attempts) == ("succeeded", 2) and "Interrupted: its worker stopped" in logs
         assert client.get(f"/queue/fal-ai/fast-lightning-sdxl/requests/{victim_job}").json()["seed"] == 77
-        # The server started a new worker process in the dead one's place (a new incarnation, same name).
-        poll_until(lambda: _workers(db)[name][0] != holder and _workers(db)[name][2] == "ready", "worker restarted")
+
+        # The server started a new worker process in the dead one's place (a new incarnation, same name); the
+        # dead one's row may be gone meanwhile (a sweeper forgets dead nodes that hold nothing).
+        def restarted() -> bool:
+            node_id, _, state = _workers(db).get(name, (holder, 0, "gone"))
+            return node_id != holder and state == "ready"
+
+        poll_until(restarted, "worker restarted")
         ready = client.get("/health/ready").json()
         assert sorted(w["name"] for w in ready["workers"]) == sorted(names), ready
 
