@@ -123,7 +123,7 @@ def create_app(
         node.state_of = lambda: "draining" if service.draining else host.state
     else:
         node.state_of = lambda: "draining" if service.draining else "ready"
-    metrics.export_workers(store.nodes, settings.lease_s)
+    metrics.export_workers(lambda: live_nodes(service), settings.lease_s)
     store.subscribe(webhooks.wake_threadsafe)  # a terminal state another node wrote may carry a webhook
 
     @asynccontextmanager
@@ -277,16 +277,22 @@ def readiness(service: JobService) -> tuple[int, dict[str, Any]]:
 
 
 def _workers(service: JobService) -> list[dict[str, Any]]:
-    now, me = service.clock(), service.node.id
-
-    def state(n: NodeRow) -> str:
-        return service.node.state_of() if n.id == me else n.state
-
+    now = service.clock()
     return [
-        {"name": n.name, "device": n.device, "state": state(n), "host": n.host}
-        for n in service.store.nodes()
-        if n.is_worker and (n.id == me or n.heartbeat_at >= now - service.settings.lease_s)
+        {"name": n.name, "device": n.device, "state": n.state, "host": n.host}
+        for n in live_nodes(service)
+        if n.is_worker and n.heartbeat_at >= now - service.settings.lease_s
     ]
+
+
+def live_nodes(service: JobService) -> list[NodeRow]:
+    """The store's node rows, this node's own as it is now (its row is only written every heartbeat, so a
+    worker in this process that just became ready would otherwise show as loading for a few seconds)."""
+    node = service.node
+    if node.row.device is None and service.host is not None and service.host.ready:
+        node.row.device = str(getattr(service.host.engine, "device", "") or "") or None
+    me = node.current()
+    return [me if n.id == me.id else n for n in service.store.nodes()]
 
 
 def _webhook_signer(settings: Settings, store: JobStore) -> WebhookSigner:

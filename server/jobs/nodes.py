@@ -83,11 +83,11 @@ class Node:
         return max(self.lease_s / 3, 0.2)
 
     def register(self) -> None:
-        self.store.register_node(self._current())
+        self.store.register_node(self.current())
 
     def beat(self) -> None:
         """Write the heartbeat now (a node whose row was removed as dead writes it again: it is alive)."""
-        row = self._current()
+        row = self.current()
         if not self.store.heartbeat(row):
             log.warning("node %s was taken for gone (its heartbeat was late); registering again", self.id)
             self.store.register_node(row)
@@ -110,7 +110,8 @@ class Node:
         except Exception as exc:  # the store may be down at shutdown; the row then goes stale
             log.warning("node %s not removed from the store: %s", self.id, exc)
 
-    def _current(self) -> NodeRow:
+    def current(self) -> NodeRow:
+        """This node's row as it is now (state and counters read live), as the next heartbeat writes it."""
         self.row = replace(self.row, heartbeat_at=self.clock(), state=self.state_of(), stats=self.stats())
         return self.row
 

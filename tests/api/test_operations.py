@@ -69,7 +69,10 @@ def test_ready_is_503_until_the_engine_is_loaded(engine, tmp_path: Path) -> None
             poll_until(lambda: client.get("/health/ready").status_code == 200, what="readiness")
             body = client.get("/health/ready").json()
             assert body["status"] == "ready"
-            assert [(w["state"], w["device"]) for w in body["workers"]] == [("ready", None)]  # the embedded worker
+            assert [(w["state"], w["device"]) for w in body["workers"]] == [("ready", "cpu")]  # the embedded worker
+            # ... and so do its metrics at once, not at its next heartbeat.
+            up = [line for line in client.get("/metrics").text.splitlines() if line.startswith("inpaint_worker_up{")]
+            assert len(up) == 1 and 'device="cpu"' in up[0] and up[0].endswith(" 1.0"), up
             assert gauge(client, "inpaint_ready") == 1
             assert "error" not in wait_for(client, HYPER, rid)
     finally:
