@@ -20,8 +20,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -33,8 +32,9 @@ from .delivery.webhooks import WebhookSender, WebhookSigner, new_key_pem
 from .http.auth import KeyAuth
 from .http.errors import ERROR_TYPE_HEADER, ApiError, FilesDown, NotFound, StoreDown, error_response
 from .http.fal_routes import fal_router
+from .http.health import add_health_routes, engine_readiness
 from .http.limits import BodyLimit
-from .http.openapi_responses import JWKS, READY
+from .http.openapi_responses import JWKS
 from .http.routing import FalRouting
 from .http.upload_routes import UploadTokens, storage_router
 from .inputs.url_guard import FetchGuard, HostResolver, resolve_host
@@ -227,33 +227,18 @@ def create_app(
 
 def _add_operations(app: FastAPI, service: JobService, signer: WebhookSigner | None) -> None:
     """``/health/live``, ``/health/ready``, ``/metrics`` and the webhook keys."""
-    host, store, metrics = service.host, service.store, service.metrics
 
-    @app.get("/health/live", tags=["operations"])
-    async def live() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/health/ready", tags=["operations"], responses=READY)
-    async def ready() -> JSONResponse:
-        status, body = readiness(service)
-        metrics.ready.set(1 if status == 200 else 0)
-        return JSONResponse(body, status_code=status)
-
-    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
-    async def prometheus() -> Response:
-        status, _ = readiness(service)
-        metrics.ready.set(1 if status == 200 else 0)
+    def refresh_gauges() -> None:
         with contextlib.suppress(StoreUnavailable):
             service.update_gauges()
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    add_health_routes(app, lambda: readiness(service), service.metrics, refresh_gauges)
 
     @app.get("/.well-known/jwks.json", tags=["operations"], responses=JWKS)
     async def jwks() -> dict[str, Any]:
         if signer is None:
             raise NotFound("webhook signing is off")
         return signer.jwks()
-
-    del host, store
 
 
 def readiness(service: JobService) -> tuple[int, dict[str, Any]]:
@@ -266,14 +251,8 @@ def readiness(service: JobService) -> tuple[int, dict[str, Any]]:
         workers = _workers(service)
     except StoreUnavailable as exc:
         return 503, {"status": "store_unavailable", "detail": public_message(str(exc))}
-    host = service.host
-    if host is not None and not host.ready:
-        detail = public_message(host.error or f"models are {host.state}")
-        return 503, {"status": host.state, "detail": detail, "workers": workers}
     body: dict[str, Any] = {"status": "ready", "workers": workers}
-    if host is not None and host.warming_later:  # other sizes still being warmed: they run, a little slower until done
-        body["warming"] = {"runs_left": host.warming_later}
-    return 200, body
+    return engine_readiness(service.host, body) if service.host is not None else (200, body)
 
 
 def _workers(service: JobService) -> list[dict[str, Any]]:

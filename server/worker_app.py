@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
 from .delivery.file_store import FileStore, open_files
+from .http.health import add_health_routes, engine_readiness
 from .inputs.input_fetch import InputFetcher
 from .inputs.url_guard import FetchGuard, HostResolver, resolve_host
 from .jobs.engine_host import EngineHost
@@ -152,34 +151,16 @@ def create_worker_app(
     app.state.drain = drain
 
     def readiness() -> tuple[int, dict[str, Any]]:
-        body: dict[str, Any] = {"status": host.state, "node": node.id, "device": device}
+        body: dict[str, Any] = {"status": "ready", "node": node.id, "device": device}
         if worker.draining:
             return 503, {**body, "status": "draining", "detail": "the worker is shutting down"}
         try:
             store.ping()
         except StoreUnavailable as exc:
             return 503, {**body, "status": "store_unavailable", "detail": public_message(str(exc))}
-        if not host.ready:
-            return 503, {**body, "detail": public_message(host.error or f"models are {host.state}")}
-        if host.warming_later:
-            body["warming"] = {"runs_left": host.warming_later}
-        return 200, body
+        return engine_readiness(host, body)
 
-    @app.get("/health/live")
-    async def live() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/health/ready")
-    async def ready() -> JSONResponse:
-        status, body = readiness()
-        metrics.ready.set(1 if status == 200 else 0)
-        return JSONResponse(body, status_code=status)
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus() -> Response:
-        metrics.ready.set(1 if readiness()[0] == 200 else 0)
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
+    add_health_routes(app, readiness, metrics)
     return app
 
 
