@@ -175,19 +175,19 @@ class Sweeper:
         changed = 0
         for job in self.store.overdue(now):
             message = "the request did not start before its start timeout"
-            changed += self._finish(job, "request_timeout", message, now)
+            changed += self.fail(job, "request_timeout", message, now)
         return changed
 
     def _take_back(self, job: Job, now: float, dead: set[str]) -> bool:
         holder, lease = job.worker, job.lease_until
         why = "its worker stopped" if holder is None or holder in dead else "its worker stopped renewing its lease"
         if job.cancel_requested:
-            return self._finish(job, "cancelled", "the request was cancelled while running", now, (holder, lease))
+            return self.fail(job, "cancelled", "the request was cancelled while running", now, (holder, lease))
         if job.sync and (job.waiter is None or job.waiter in dead):
-            return self._finish(job, "interrupted", _SYNC_ORPHAN, now, (holder, lease))
+            return self.fail(job, "interrupted", _SYNC_ORPHAN, now, (holder, lease))
         if job.attempts >= self.max_attempts:
             message = f"{why} while this request was running, {job.attempts} times; not retried again"
-            return self._finish(job, "interrupted", message, now, (holder, lease))
+            return self.fail(job, "interrupted", message, now, (holder, lease))
         job.state, job.worker, job.lease_until, job.started_at = JobState.QUEUED, None, None, None
         job.add_log(f"Interrupted: {why}; running again (attempt {job.attempts + 1})", "WARN", now)
         if self.store.save(job, lost=(holder, lease)):
@@ -200,21 +200,22 @@ class Sweeper:
         if job is None or job.state.is_terminal():
             return False
         if job.state is JobState.QUEUED:
-            return self._finish(job, "interrupted", _SYNC_ORPHAN, now)
-        return self._finish(job, "interrupted", _SYNC_ORPHAN, now, (job.worker, job.lease_until))
+            return self.fail(job, "interrupted", _SYNC_ORPHAN, now)
+        return self.fail(job, "interrupted", _SYNC_ORPHAN, now, (job.worker, job.lease_until))
 
-    def _finish(
+    def fail(
         self,
         job: Job,
         error_type: str,
         message: str,
         now: float,
         lost: tuple[str | None, float | None] | None = None,
-        queued: bool = False,
+        field: str | None = None,
     ) -> bool:
-        """Write a failure as a sweeper: of a queued job (``queued``), or of a running one whose lease it
-        saw lost (``lost`` = holder, lease): once, whichever node's sweeper gets there first."""
-        webhook = outcomes.fail(job, error_type, message, None, now, self.retention_s)
+        """Fail a job nobody holds: a queued one (only while it is still queued), or a running one whose lease
+        was seen lost (``lost`` = holder, lease; only while that lease is unchanged). Written once, whichever
+        node gets there first; False (nothing written) otherwise."""
+        webhook = outcomes.fail(job, error_type, message, field, now, self.retention_s)
         saved = self.store.save(job, webhook, lost=lost, queued=lost is None)
         if saved:
             log.info("request %s %s (%s: %s)", job.id, job.state.value, error_type, job.error)

@@ -251,12 +251,7 @@ class JobService:
 
     def finish_queued(self, job: Job, error_type: str, message: str, field: str | None = None) -> bool:
         """Fail a job that has not started; False (nothing written) if a worker claimed it meanwhile."""
-        webhook = outcomes.fail(job, error_type, message, field, self.clock(), self.settings.result_retention_s)
-        if not self.store.save(job, webhook, queued=True):
-            return False
-        log.info("request %s %s (%s: %s)", job.id, job.state.value, error_type, job.error)
-        self.terminal_written(job)
-        return True
+        return self.sweeper.fail(job, error_type, message, self.clock(), field=field)
 
     def terminal_written(self, job: Job) -> None:
         """A terminal state this process wrote: count it, deliver its webhook, answer polls from memory."""
