@@ -21,8 +21,11 @@ from pipelines.serving import ServingEngine
 from ..inputs.input_fetch import InputFetcher, InputFetchError, image_size_of_json, slim_input
 from .job import Job
 from .leases import WorkSource
+from .store import StoreUnavailable
 
 log = logging.getLogger("inpaint-server.jobs")
+
+STORE_RETRY_S = 1.0  # how often a job's row is read again while the store is unreachable
 
 
 @dataclass
@@ -57,7 +60,7 @@ class JobPreparer:
     async def prepare(self, engine: ServingEngine, job_id: str) -> Prepared:
         """Load the job, fetch and decode its inputs; never raises (a failure is the result's ``error``)."""
         started = time.perf_counter()
-        job = await asyncio.to_thread(self.source.load, job_id)
+        job = await self._load(job_id)
         if job is None:
             return Prepared(error=("internal_error", "the request vanished from the store", None))
         self.loaded[job_id] = job
@@ -78,6 +81,16 @@ class JobPreparer:
             log.exception("preparing request %s failed", job.id)
             message = f"could not prepare the request ({type(exc).__name__})"
             return Prepared(job=job, error=("internal_error", message, None))
+
+    async def _load(self, job_id: str) -> Job | None:
+        """The job's row, read again every :data:`STORE_RETRY_S` while the store is unreachable: an outage delays
+        the preparation, it never becomes the job's result (nor a task that fails every time it is asked)."""
+        while True:
+            try:
+                return await asyncio.to_thread(self.source.load, job_id)
+            except StoreUnavailable as exc:
+                log.warning("request %s waits for the job store to prepare it: %s", job_id, exc)
+                await asyncio.sleep(STORE_RETRY_S)
 
     async def request(self, job: Job) -> InpaintRequest:
         """The engine's request for a job: its inputs fetched (URLs, data URIs, this server's files)."""

@@ -263,11 +263,10 @@ class GpuWorker:
         job = self.preparer.loaded.pop(job_id, None)
         if task is not None and task.done() and not task.cancelled() and task.result().job is not None:
             job = task.result().job
-        if job is None:
-            return
-        self.source.fail_queued(job, error_type, message, field)
-        self.window = [ref for ref in self.window if ref.id != job_id]
+        self.window = [ref for ref in self.window if ref.id != job_id]  # gone or failed: not tried again
         self._changed.set()
+        if job is not None:
+            self.source.fail_queued(job, error_type, message, field)
 
     def _timed_out(self, ref: QueuedRef) -> bool:
         """Fail a queued job whose start deadline (X-Fal-Request-Timeout) has passed."""
