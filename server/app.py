@@ -29,13 +29,15 @@ from pipelines.specs import load_serving_spec
 from . import __version__
 from .delivery.file_store import FilesUnavailable, file_response
 from .delivery.webhooks import WebhookSender, WebhookSigner, new_key_pem
-from .http.auth import KeyAuth
+from .http.access_tokens import AccessTokens
+from .http.auth import Auth, Caller, KeyAuth
 from .http.errors import ERROR_TYPE_HEADER, ApiError, FilesDown, NotFound, StoreDown, error_response
 from .http.fal_routes import fal_router
 from .http.health import add_health_routes, engine_readiness
 from .http.limits import BodyLimit
 from .http.openapi_responses import JWKS
 from .http.routing import FalRouting
+from .http.token_routes import token_router
 from .http.upload_routes import UploadTokens, storage_router
 from .inputs.url_guard import FetchGuard, HostResolver, resolve_host
 from .jobs.nodes import Node
@@ -88,7 +90,7 @@ def create_app(
     data_dir = settings.data_dir
     store, files = open_stores(settings)
     metrics = Metrics()
-    auth = KeyAuth(settings.api_keys)
+    auth = Auth(KeyAuth(settings.api_keys), AccessTokens(store.shared_key("access-tokens", _new_key)), clock)
     fetch_guard = FetchGuard(
         settings.fetch_allow, fetch_resolver or resolve_host, resolve_timeout_s=settings.fetch_connect_timeout_s
     )
@@ -180,8 +182,11 @@ def create_app(
 
     app.state.drain = drain
 
+    def caller_of(request: Request) -> Caller:
+        return auth.caller(request)
+
     def owner_of(request: Request) -> str:
-        return auth.owner(request.headers.get("authorization"))
+        return auth.caller(request).owner
 
     def base_url_of(request: Request) -> str:
         if settings.public_url:
@@ -210,7 +215,10 @@ def create_app(
             store, files, tokens, owner_of, base_url_of, settings.upload_max_bytes, settings.result_retention_s, clock
         )
     )
-    app.include_router(fal_router(service, apps, owner_of, base_url_of))
+    app.include_router(
+        token_router(auth.tokens, caller_of, [a.app_id for a in apps], settings.token_max_lifetime_s, clock)
+    )
+    app.include_router(fal_router(service, apps, caller_of, base_url_of))
 
     # Innermost of the three: it sees the path FalRouting rewrote (proxy, queue host, /rest).
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_max_bytes=settings.upload_max_bytes)
@@ -282,6 +290,10 @@ def _webhook_signer(settings: Settings, store: JobStore) -> WebhookSigner:
     legacy = settings.data_dir / "webhook-ed25519.pem"
     pem = store.shared_key("webhook-ed25519", lambda: legacy.read_bytes() if legacy.is_file() else new_key_pem())
     return WebhookSigner.from_pem(pem, "the job store's webhook key")
+
+
+def _new_key() -> bytes:
+    return secrets.token_bytes(32)
 
 
 def _legacy_key(path: Path) -> bytes:

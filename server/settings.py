@@ -113,6 +113,12 @@ class Settings(BaseSettings):
         description="Accepted API keys (clients send 'Authorization: Key <key>'); comma-separated in the "
         "environment. Empty: no authentication.",
     )
+    token_max_lifetime_s: int = Field(
+        3600,
+        ge=1,
+        description="Longest lifetime of a temporary token (POST /tokens/ with token_expiration in seconds); "
+        "a longer one is refused with 422.",
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate chain; serves HTTPS together with tls_key.")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
     config_dir: Path | None = Field(None, description="App configs (default: the bundled configs/).")

@@ -68,6 +68,13 @@ class Unauthorized(ApiError):
         super().__init__(detail, headers={"WWW-Authenticate": "Key"})
 
 
+class Forbidden(ApiError):
+    """A valid credential that may not do this (a temporary token used for another app)."""
+
+    status = 403
+    error_type = "forbidden"
+
+
 class NotFound(ApiError):
     status = 404
     error_type = "not_found"

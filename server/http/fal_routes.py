@@ -22,6 +22,7 @@ from pipelines.specs import AppSpec
 from ..inputs.url_guard import FetchError, FetchGuard
 from ..jobs.job import PRIORITIES, Job, JobState
 from ..jobs.service import JobService
+from .auth import Caller
 from .errors import (
     REQUEST_ID_HEADER,
     TIMEOUT_TYPE_HEADER,
@@ -109,7 +110,7 @@ def result_response(service: JobService, job: Job) -> JSONResponse:
 def fal_router(
     service: JobService,
     apps: list[AppSpec],
-    owner_of: Callable[..., str],
+    caller_of: Callable[..., Caller],
     base_url_of: Callable[[Request], str],
 ) -> APIRouter:
     router = APIRouter()
@@ -140,15 +141,15 @@ def fal_router(
 
     for app in apps:
         model = input_model(app)
-        _add_app_routes(router, app, model, submit_job, owner_of)
+        _add_app_routes(router, app, model, submit_job, _app_owner(app.app_id, caller_of))
 
     # Status, stream, result and cancel. /queue first: "/queue/a/b/requests/x" must not be read as
     # owner "queue", alias "a", sub-path "b".
     request_routes = [  # (suffix, handler, method, summary, operation id, responses)
-        ("/status", _status(service, owner_of), "GET", "Request status", "request_status", STATUS),
-        ("/status/stream", _stream(service, owner_of), "GET", "Request status as server-sent events", None, STREAM),
-        ("", _result(service, owner_of), "GET", "Request result", "request_result", RESULT),
-        ("/cancel", _cancel(service, owner_of), "PUT", "Cancel a request", "cancel_request", CANCEL),
+        ("/status", _status(service, caller_of), "GET", "Request status", "request_status", STATUS),
+        ("/status/stream", _stream(service, caller_of), "GET", "Request status as server-sent events", None, STREAM),
+        ("", _result(service, caller_of), "GET", "Request result", "request_result", RESULT),
+        ("/cancel", _cancel(service, caller_of), "PUT", "Cancel a request", "cancel_request", CANCEL),
     ]
     for prefix in ("/queue", ""):
         for sub in ("/{owner}/{alias}", "/{owner}/{alias}/{path}"):
@@ -171,7 +172,7 @@ def fal_router(
     @router.api_route("/{path:path}", methods=["GET", "POST"], include_in_schema=False)
     async def unknown_route(path: str, request: Request) -> None:
         if request.method == "POST":
-            owner_of(request)  # an unknown app answers 401 before 404 when keys are on, like a known one
+            caller_of(request)  # an unknown app answers 401 before 404 when keys are on, like a known one
             raise NotFound(f"no app at /{path}; this server serves: {', '.join(a.app_id for a in apps)}")
         raise NotFound(f"no route {request.method} /{path}")
 
@@ -245,14 +246,29 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
     )
 
 
-def _job_for(service: JobService, request: Request, owner: str, request_id: str) -> Job:
+def _app_owner(app_id: str, caller_of: Callable[..., Caller]) -> Callable[[Request], str]:
+    """The dependency of an app's run and submit: the caller's owner, if it may use this app (403 otherwise)."""
+
+    def owner(request: Request) -> str:
+        caller = caller_of(request)
+        caller.check_app(app_id)
+        return caller.owner
+
+    return owner
+
+
+def _job_for(service: JobService, request: Request, caller: Caller, request_id: str) -> Job:
     params = request.path_params
-    return service.get(request_id, owner, f"{params['owner']}/{params['alias']}")
+    endpoint = f"{params['owner']}/{params['alias']}"
+    caller.check_endpoint(endpoint)  # a token for another app: 403 whether or not the request exists
+    job = service.get(request_id, caller.owner, endpoint)
+    caller.check_app(job.app_id)
+    return job
 
 
-def _status(service: JobService, owner_of):
-    async def status(request: Request, request_id: str, logs: str | None = None, owner: str = Depends(owner_of)):
-        job = _job_for(service, request, owner, request_id)
+def _status(service: JobService, caller_of):
+    async def status(request: Request, request_id: str, logs: str | None = None, caller: Caller = Depends(caller_of)):
+        job = _job_for(service, request, caller, request_id)
         body = job.status_body(service.position(job), _flag(logs))
         code = 200 if job.state.is_terminal() else 202
         return JSONResponse(body, status_code=code, headers={REQUEST_ID_HEADER: job.id})
@@ -260,9 +276,9 @@ def _status(service: JobService, owner_of):
     return status
 
 
-def _stream(service: JobService, owner_of):
-    async def stream(request: Request, request_id: str, logs: str | None = None, owner: str = Depends(owner_of)):
-        job = _job_for(service, request, owner, request_id)
+def _stream(service: JobService, caller_of):
+    async def stream(request: Request, request_id: str, logs: str | None = None, caller: Caller = Depends(caller_of)):
+        job = _job_for(service, request, caller, request_id)
         with_logs = _flag(logs)
 
         async def events() -> AsyncIterator[str]:
@@ -294,9 +310,9 @@ def _stream(service: JobService, owner_of):
     return stream
 
 
-def _result(service: JobService, owner_of):
-    async def result(request: Request, request_id: str, owner: str = Depends(owner_of)):
-        job = _job_for(service, request, owner, request_id)
+def _result(service: JobService, caller_of):
+    async def result(request: Request, request_id: str, caller: Caller = Depends(caller_of)):
+        job = _job_for(service, request, caller, request_id)
         if not job.state.is_terminal():
             raise StillInProgress("the request is still in progress; poll its status", request_id=job.id)
         return result_response(service, job)
@@ -304,9 +320,9 @@ def _result(service: JobService, owner_of):
     return result
 
 
-def _cancel(service: JobService, owner_of):
-    async def cancel(request: Request, request_id: str, owner: str = Depends(owner_of)):
-        job = _job_for(service, request, owner, request_id)
+def _cancel(service: JobService, caller_of):
+    async def cancel(request: Request, request_id: str, caller: Caller = Depends(caller_of)):
+        job = _job_for(service, request, caller, request_id)
         try:
             service.cancel(job)
         except AlreadyCompleted as exc:

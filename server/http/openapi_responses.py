@@ -77,7 +77,9 @@ def _error(description: str, model: type[BaseModel] = ErrorBody, **extra: Any) -
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}}
 
 BAD_REQUEST = {400: _error("A bad header or query parameter.")}
-UNAUTHORIZED = {401: _error("Missing or invalid API key (only when the server has keys).")}
+UNAUTHORIZED = {401: _error("Missing, invalid or expired API key or temporary token (only when the server has keys).")}
+# What a temporary token gets on the routes of an app it was not minted for.
+FORBIDDEN = {403: _error("A temporary token for another app.")}
 NOT_FOUND = {404: _error("No such request for this API key (or it expired).")}
 TOO_LARGE = {413: _error("The body is over the size limit.")}
 TOO_MANY = {429: _error("Over the rate limit, or the queue is full; retry after Retry-After.", headers=_RETRY_AFTER)}
@@ -91,24 +93,44 @@ JOB_FAILED = {
     504: _error("The request did not start before its X-Fal-Request-Timeout."),
 }
 
-SUBMIT = {200: {"model": Submitted}, **BAD_REQUEST, **UNAUTHORIZED, **TOO_LARGE, **TOO_MANY, **UNAVAILABLE, **DRAINING}
-RUN = {**BAD_REQUEST, **UNAUTHORIZED, 404: _error("The result is gone."), **TOO_LARGE, **TOO_MANY, **JOB_FAILED}
+SUBMIT = {
+    200: {"model": Submitted},
+    **BAD_REQUEST,
+    **UNAUTHORIZED,
+    **FORBIDDEN,
+    **TOO_LARGE,
+    **TOO_MANY,
+    **UNAVAILABLE,
+    **DRAINING,
+}
+RUN = {
+    **BAD_REQUEST,
+    **UNAUTHORIZED,
+    **FORBIDDEN,
+    404: _error("The result is gone."),
+    **TOO_LARGE,
+    **TOO_MANY,
+    **JOB_FAILED,
+}
 RUN[500] = _error("The request failed, or the models failed to load.")
 STATUS = {
     200: {"model": QueueStatus, "description": "Completed (successfully or not)."},
     202: {"model": QueueStatus, "description": "In queue or in progress."},
     **UNAUTHORIZED,
+    **FORBIDDEN,
     **NOT_FOUND,
 }
 STREAM = {
     200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "Status events (SSE)."},
     **UNAUTHORIZED,
+    **FORBIDDEN,
     **NOT_FOUND,
 }
 RESULT = {
     200: {"model": Output},
     400: _error("The request is still in progress."),
     **UNAUTHORIZED,
+    **FORBIDDEN,
     **NOT_FOUND,
     **JOB_FAILED,
 }
@@ -116,6 +138,7 @@ CANCEL = {
     202: {"model": CancelAccepted, "description": "Cancellation requested."},
     400: _error("The request has already completed.", AlreadyCompletedBody),
     **UNAUTHORIZED,
+    **FORBIDDEN,
     **NOT_FOUND,
 }
 
@@ -133,4 +156,13 @@ FILES_UPLOAD = {
     400: _error("A content type uploads do not accept."),
     401: _error("Missing or expired upload token."),
     **TOO_LARGE,
+}
+TOKENS = {
+    200: {
+        "content": {"application/json": {"schema": {"type": "string"}}},
+        "description": "The token, as a JSON string (send it as 'Authorization: Bearer <token>').",
+    },
+    **UNAUTHORIZED,
+    403: _error("A temporary token asked for apps it may not use itself."),
+    422: _error("An app this server does not serve, or a lifetime over token_max_lifetime_s."),
 }

@@ -2,7 +2,7 @@
 
 * ``/api/fal/proxy`` (any method): the request is re-dispatched, inside this process, to the route
   the ``x-fal-target-url`` header names: ``fal.run`` -> sync run, ``queue.fal.run`` -> ``/queue``,
-  ``rest.fal.ai`` / ``rest.alpha.fal.ai`` -> the storage emulation. The answer is exactly the
+  ``rest.fal.ai`` / ``rest.alpha.fal.ai`` -> the storage emulation and ``/tokens/``. The answer is exactly the
   direct route's (status, JSON, SSE, headers).
 * A ``Host`` starting with ``queue.`` is the queue host: its paths are served as ``/queue/...``.
 * ``/rest/...`` is the REST host for clients that rewrite ``https://rest.fal.ai/`` to ``<base>/rest/``.
@@ -30,7 +30,7 @@ NOT_QUEUE_PATHS = (
     "/.well-known/",
 )
 REST_HOSTS = ("rest.fal.ai", "rest.alpha.fal.ai")
-REST_PATHS = ("/storage/",)  # like fal's own proxy, only the storage API of the REST hosts
+REST_PATHS = ("/storage/", "/tokens")  # of the REST hosts, only storage and temporary tokens are served here
 _TARGETS = {"fal.run": "", "queue.fal.run": "/queue", "rest.fal.ai": "", "rest.alpha.fal.ai": ""}
 
 

@@ -92,7 +92,7 @@ def test_proxy_storage_initiate_and_upload(make_server) -> None:
         "https://fal.run.evil.example/fal-ai/hyper-sdxl/inpainting",
         "http://fal.run/fal-ai/hyper-sdxl/inpainting",  # plain http is not a fal URL
         "not a url",
-        "https://rest.fal.ai/tokens/",  # only the storage API of the REST hosts, like fal's own proxy
+        "https://rest.fal.ai/billing/usage",  # of the REST hosts, only storage and /tokens/ are served
     ],
 )
 def test_proxy_refuses_a_missing_or_foreign_target(make_server, target: str | None) -> None:
