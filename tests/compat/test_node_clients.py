@@ -362,3 +362,43 @@ def test_api_keys_through_the_proxy(node_modules, make_server, pngs) -> None:
     assert len(uploads(calls, server.url)) == 4
     right = [c for c in calls if c["authorization"] == "Key k"]
     assert right and all(c["status"] in (200, 202) for c in right)
+
+
+def test_temporary_tokens_in_a_browser_app(node_modules, make_server, pngs) -> None:
+    """A client with no key works with a token its backend minted (Bearer on every call, and the client's own
+    connectionMode "client" flow: a token minted with that token, then ?fal_jwt_token= on the status stream)."""
+    server = make_server(api_keys=["k"])
+    obs = run_node(
+        "tokens.mjs", f"--base={server.url}", f"--image={pngs['image']}", f"--mask={pngs['mask']}", "--key=k"
+    )
+    assert obs["tokenType"] == "string"
+    sub = ok(obs["subscribe"], "subscribe with a token")
+    check_output(sub["data"], server.url)
+    assert sub["requestId"] == sub["enqueued"] and UUID.match(sub["requestId"])
+    assert sub["updates"][-1]["status"] == "COMPLETED" and "Step 2/2" in step_logs(sub["updates"])
+    cancel = failed(obs["cancel"], "cancel of the finished request with the token")
+    assert cancel["status"] == 400 and cancel["body"]["status"] == "ALREADY_COMPLETED"
+    other = failed(obs["otherApp"], "submit to another app with the token")
+    assert other["status"] == 403 and other["isApiError"] and other["body"]["error_type"] == "forbidden"
+    assert ok(obs["keyStatus"], "status with the key")["status"] == "COMPLETED"  # the key owns the request
+    assert ok(obs["keyStream"], "stream with the key in connectionMode client")["status"] == "COMPLETED"
+
+    calls = obs["calls"]
+    bearer = [c for c in calls if (c["authorization"] or "").startswith("Bearer ")]
+    assert {c["url"].split("?")[0].removeprefix(server.url) for c in bearer} == {
+        "/rest/storage/upload/initiate",
+        f"/queue/{LIGHTNING}",
+        "/rest/tokens/",  # the client minting its stream token with the browser's token
+        f"/queue/fal-ai/fast-lightning-sdxl/requests/{sub['requestId']}",
+        f"/queue/fal-ai/fast-lightning-sdxl/requests/{sub['requestId']}/cancel",
+        f"/queue/{HYPER}",
+    }
+    mints = [c for c in calls if "/tokens/" in c["url"]]
+    assert [c["authorization"].split()[0] for c in mints] == ["Key", "Bearer", "Key"]
+    assert all(c["status"] == 200 for c in mints)
+    assert mints[1]["body"] == {"allowed_apps": ["fast-lightning-sdxl"], "token_expiration": 120}  # the client's own
+    streams = [c for c in calls if "/status/stream" in c["url"]]
+    assert len(streams) == 2 and all("fal_jwt_token=" in c["url"] and c["authorization"] is None for c in streams)
+    assert all(c["status"] == 200 and c["contentType"].startswith("text/event-stream") for c in streams)
+    assert len(uploads(calls, server.url)) == 2
+    assert not [c for c in calls if c.get("status") == 401 or c.get("refused")]
