@@ -162,6 +162,7 @@ TOKENS = {
         "content": {"application/json": {"schema": {"type": "string"}}},
         "description": "The token, as a JSON string (send it as 'Authorization: Bearer <token>').",
     },
+    400: _error("A body that is not UTF-8 text."),
     **UNAUTHORIZED,
     403: _error("A temporary token asked for apps it may not use itself."),
     422: _error("An app this server does not serve, or a lifetime over token_max_lifetime_s."),
