@@ -30,7 +30,7 @@ from . import __version__
 from .delivery.file_store import FilesUnavailable, file_response
 from .delivery.webhooks import WebhookSender, WebhookSigner, new_key_pem
 from .http.access_tokens import AccessTokens
-from .http.auth import Auth, Caller, KeyAuth
+from .http.auth import Auth, KeyAuth
 from .http.errors import ERROR_TYPE_HEADER, ApiError, FilesDown, NotFound, StoreDown, error_response
 from .http.fal_routes import fal_router
 from .http.health import add_health_routes, engine_readiness
@@ -182,9 +182,6 @@ def create_app(
 
     app.state.drain = drain
 
-    def caller_of(request: Request) -> Caller:
-        return auth.caller(request)
-
     def owner_of(request: Request) -> str:
         return auth.caller(request).owner
 
@@ -216,9 +213,9 @@ def create_app(
         )
     )
     app.include_router(
-        token_router(auth.tokens, caller_of, [a.app_id for a in apps], settings.token_max_lifetime_s, clock)
+        token_router(auth.tokens, auth.caller, [a.app_id for a in apps], settings.token_max_lifetime_s, clock)
     )
-    app.include_router(fal_router(service, apps, caller_of, base_url_of))
+    app.include_router(fal_router(service, apps, auth.caller, base_url_of))
 
     # Innermost of the three: it sees the path FalRouting rewrote (proxy, queue host, /rest).
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_max_bytes=settings.upload_max_bytes)
