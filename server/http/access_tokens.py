@@ -1,6 +1,6 @@
 """Temporary tokens: short-lived, bound to the API key that minted them and to some apps.
 
-A token is a compact JWT (HS256) signed with a secret the job store keeps, so every API node accepts
+A token is a compact JWT (HS256, by PyJWT) signed with a secret the job store keeps, so every API node accepts
 every node's tokens. Its claims: ``sub`` (the owner id of the key), ``apps`` (app-id prefixes such as
 ``fal-ai/hyper-sdxl`` or ``fal-ai/hyper-sdxl/inpainting``), ``iat`` and ``exp`` (Unix seconds). Nothing
 is stored per token: a token lives until ``exp`` or until its key is removed from ``api_keys``.
@@ -8,20 +8,17 @@ is stored per token: a token lives until ``exp`` or until its key is removed fro
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
-import hashlib
-import hmac
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import jwt
+
 from .errors import Unauthorized, ValidationFailed
 
 TOKEN_QUERY = "fal_jwt_token"  # how the JS client sends a token on a status stream (and realtime)
-_HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').decode().rstrip("=")
+ALGORITHM = "HS256"  # the only one accepted: a token naming another (``none``, RS256...) is refused
 INVALID = "invalid temporary token (malformed, altered or not issued by this server); send 'Authorization: Key <key>'"
 
 
@@ -57,32 +54,26 @@ class AccessTokens:
 
     def issue(self, grant: Grant, now: float) -> str:
         claims = {"sub": grant.owner, "apps": list(grant.apps), "iat": int(now), "exp": grant.expires_at}
-        body = _b64(json.dumps(claims, separators=(",", ":")).encode())
-        signing_input = f"{_HEADER}.{body}"
-        return f"{signing_input}.{self._sign(signing_input)}"
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
 
     def verify(self, token: str, now: float) -> Grant:
-        """The grant of a token this server signed that has not expired; else :class:`Unauthorized`."""
-        header, _, rest = token.strip().partition(".")
-        body, _, mac = rest.partition(".")
+        """The grant of a token this server signed that has not expired; else :class:`Unauthorized`.
+
+        The expiry is checked against ``now`` (the server's clock), not by PyJWT against the wall clock."""
         try:
-            signed = hmac.compare_digest(mac.encode("ascii"), self._sign(f"{header}.{body}").encode())
-            if not signed or header != _HEADER:
-                raise Unauthorized(INVALID)
-            grant = _grant(json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))))
-        except (UnicodeError, ValueError, binascii.Error, KeyError, TypeError):
+            claims = jwt.decode(
+                token.strip(),
+                self._secret,
+                algorithms=[ALGORITHM],
+                options={"require": ["sub", "apps", "exp"], "verify_exp": False, "verify_iat": False},
+            )
+            grant = _grant(claims)
+        except (jwt.InvalidTokenError, ValueError, KeyError, TypeError):
             raise Unauthorized(INVALID) from None
         if grant.expires_at <= now:
             when = dt.datetime.fromtimestamp(grant.expires_at, dt.UTC).isoformat()
             raise Unauthorized(f"this temporary token expired at {when}; get a new one from POST /tokens/")
         return grant
-
-    def _sign(self, signing_input: str) -> str:
-        return _b64(hmac.new(self._secret, signing_input.encode("ascii"), hashlib.sha256).digest())
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
 def _grant(claims: Any) -> Grant:
