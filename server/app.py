@@ -30,6 +30,7 @@ from . import __version__
 from .delivery.file_store import FilesUnavailable, file_response
 from .delivery.webhooks import WebhookSender, WebhookSigner, new_key_pem
 from .http.auth import KeyAuth
+from .http.docs import offline_docs_app
 from .http.errors import ERROR_TYPE_HEADER, ApiError, FilesDown, NotFound, StoreDown, error_response
 from .http.fal_routes import fal_router
 from .http.health import add_health_routes, engine_readiness
@@ -153,7 +154,7 @@ def create_app(
             store.close()
             files.close()
 
-    app = FastAPI(
+    app = offline_docs_app(
         title="inpaint-server",
         version=__version__,
         description="Self-hosted, fal-compatible few-step SDXL inpainting.",
