@@ -30,7 +30,7 @@ from . import __version__
 from .delivery.file_store import FilesUnavailable, file_response
 from .delivery.webhooks import WebhookSender, WebhookSigner, new_key_pem
 from .http.auth import KeyAuth
-from .http.docs import offline_docs_app
+from .http.docs import add_offline_docs
 from .http.errors import ERROR_TYPE_HEADER, ApiError, FilesDown, NotFound, StoreDown, error_response
 from .http.fal_routes import fal_router
 from .http.health import add_health_routes, engine_readiness
@@ -154,13 +154,16 @@ def create_app(
             store.close()
             files.close()
 
-    app = offline_docs_app(
+    app = FastAPI(
         title="inpaint-server",
         version=__version__,
         description="Self-hosted, fal-compatible few-step SDXL inpainting.",
         redirect_slashes=False,
         lifespan=lifespan,
+        docs_url=None,  # add_offline_docs serves /docs and /redoc
+        redoc_url=None,
     )
+    add_offline_docs(app)
     app.state.settings = settings
     app.state.service = service
     app.state.store = store
