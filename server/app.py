@@ -31,6 +31,7 @@ from .delivery.file_store import FilesUnavailable, file_response
 from .delivery.webhooks import WebhookSender, WebhookSigner, new_key_pem
 from .http.access_tokens import AccessTokens
 from .http.auth import Auth, KeyAuth
+from .http.docs import add_offline_docs
 from .http.errors import ERROR_TYPE_HEADER, ApiError, FilesDown, NotFound, StoreDown, error_response
 from .http.fal_routes import fal_router
 from .http.health import add_health_routes, engine_readiness
@@ -161,7 +162,10 @@ def create_app(
         description="Self-hosted, fal-compatible few-step SDXL inpainting.",
         redirect_slashes=False,
         lifespan=lifespan,
+        docs_url=None,  # add_offline_docs serves /docs and /redoc
+        redoc_url=None,
     )
+    add_offline_docs(app)
     app.state.settings = settings
     app.state.service = service
     app.state.store = store

@@ -25,6 +25,7 @@ from fastapi import FastAPI
 
 from . import __version__
 from .delivery.file_store import FileStore, open_files
+from .http.docs import add_offline_docs
 from .http.health import add_health_routes, engine_readiness
 from .inputs.input_fetch import InputFetcher
 from .inputs.url_guard import FetchGuard, HostResolver, resolve_host
@@ -137,7 +138,15 @@ def create_worker_app(
             store.close()
             files.close()
 
-    app = FastAPI(title="inpaint-server worker", version=__version__, lifespan=lifespan, redirect_slashes=False)
+    app = FastAPI(
+        title="inpaint-server worker",
+        version=__version__,
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url=None,  # add_offline_docs serves /docs and /redoc
+        redoc_url=None,
+    )
+    add_offline_docs(app)
     app.state.settings = settings
     app.state.worker = worker
     app.state.host = host

@@ -26,6 +26,7 @@ NOT_QUEUE_PATHS = (
     "/health/",
     "/metrics",
     "/docs",
+    "/redoc",
     "/openapi.json",
     "/.well-known/",
 )

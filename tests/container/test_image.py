@@ -213,6 +213,9 @@ def test_serves_the_fal_client_as_non_root(
         assert result["seed"] == 7 and result["images"][0]["width"] == 64
         image_file = httpx.get(result["images"][0]["url"], timeout=10)
         assert image_file.status_code == 200 and image_file.content[:2] == b"\xff\xd8"  # a JPEG, from /data
+        # /docs works offline: Swagger UI's files are in the image, not on a CDN.
+        bundle = httpx.get(f"{box.url}/docs/static/swagger-ui-bundle.js", timeout=10)
+        assert bundle.status_code == 200 and b"SwaggerUIBundle" in bundle.content
 
         users = podman("top", box.name, "huser", "comm").stdout.split()[2:]
         assert users[0::2] == [str(UID)] * (len(users) // 2), users  # tini and the server, not root
