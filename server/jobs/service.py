@@ -317,7 +317,7 @@ class JobService:
     async def _collector(self) -> None:
         while True:
             try:
-                self.collect_garbage()
+                await asyncio.to_thread(self.collect_garbage)  # file deletions (a bucket's too) off the event loop
             except Exception:
                 log.exception("garbage collection failed")
             await asyncio.sleep(self.settings.gc_interval_s)
