@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -88,7 +89,9 @@ class Uploads:
         self.max_bytes = max_bytes
         self.retention_s = retention_s
 
-    async def reserve(self, request: Request, owner: str, file_name: str, content_type: str, multipart: bool = False):
+    async def reserve(
+        self, request: Request, owner: str, file_name: str, content_type: str, multipart: bool = False
+    ) -> UploadRow:
         """A new upload (in parts when ``multipart``), with the lifecycle the request asks for."""
         lifetime = shorter_than_retention(requested_lifetime(request.headers, UPLOAD_HEADERS), self.retention_s)
         token = secrets.token_urlsafe(24)
@@ -109,7 +112,13 @@ class Uploads:
             multipart_id,
             parts_ref,
         )
-        self.store.add_upload(row)
+        try:
+            self.store.add_upload(row)
+        except BaseException:
+            if parts_ref is not None:  # no row will ever name these parts: forget them now
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.files.drop_parts, token, parts_ref)
+            raise
         return row
 
     async def receive(self, request: Request, spool: UploadSpool, room: int, too_large: str) -> tuple[int, str | None]:
@@ -197,7 +206,7 @@ def storage_router(
     retention_s: float,
     clock: Callable[[], float],
 ) -> APIRouter:
-    from .multipart_routes import add_multipart_routes
+    from .multipart_routes import add_multipart_routes  # it builds on this module's helpers
 
     router = APIRouter(tags=["storage"])
     uploads = Uploads(store, files, clock, max_bytes, retention_s)
