@@ -186,9 +186,17 @@ class Settings(BaseSettings):
         "batch is not full and another queued request's inputs are still being fetched or decoded; 0: never wait.",
     )
     result_retention_s: float = Field(
-        7 * 24 * 3600, gt=0, description="Completed requests and their files are deleted this long after completion."
+        7 * 24 * 3600,
+        gt=0,
+        description="Completed requests and their files are deleted this long after completion. An object lifecycle "
+        "a client asks for (uploads, a request's files) may only shorten it.",
     )
-    gc_interval_s: float = Field(600, gt=0, description="How often expired requests and files are collected.")
+    gc_interval_s: float = Field(
+        5,
+        gt=0,
+        description="How often expired requests, files and uploads are deleted. They answer 404 from the moment they "
+        "expire; this bounds how long their bytes stay on disk after that.",
+    )
     max_attempts: int = Field(
         2, ge=1, le=10, description="Runs a job gets when restarts interrupt it; then it fails with 'interrupted'."
     )

@@ -16,6 +16,7 @@ into place) and durable (``fsync``) before the job row that names them is commit
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -32,6 +33,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 _ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_PART = re.compile(r"^(\d{5})-([0-9a-f]{32})$")
 CHUNK = 256 * 1024
 
 
@@ -52,6 +54,14 @@ class FileBody:
     size: int
     path: Path | None = None
     chunks: Iterator[bytes] | None = None
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """One stored part of a multipart upload."""
+
+    size: int
+    etag: str
 
 
 @dataclass(frozen=True)
@@ -76,20 +86,25 @@ def own_file(url_path: str) -> OwnFile | None:
 
 
 class UploadSpool:
-    """An upload arriving: ``file`` takes its bytes, :meth:`commit` (blocking: call it off the event loop) stores
-    them atomically and durably, :meth:`close` discards whatever was not committed."""
+    """An upload (or one part of one) arriving: ``file`` takes its bytes, :meth:`commit` (blocking: call it off the
+    event loop) stores them atomically and durably and returns what the store says of them (a part's etag),
+    :meth:`close` discards whatever was not committed."""
 
     def __init__(
-        self, file: IO[bytes], commit: Callable[[IO[bytes]], None], discard: Callable[[], None] | None = None
+        self,
+        file: IO[bytes],
+        commit: Callable[[IO[bytes]], str | None],
+        discard: Callable[[], None] | None = None,
     ) -> None:
         self.file = file
         self._commit = commit
         self._discard = discard
         self._committed = False
 
-    def commit(self) -> None:
-        self._commit(self.file)
+    def commit(self) -> str | None:
+        result = self._commit(self.file)
         self._committed = True
+        return result
 
     def close(self) -> None:
         self.file.close()
@@ -120,7 +135,32 @@ class FileStore(ABC):
         """A finished upload to serve, or None."""
 
     @abstractmethod
-    def delete_upload(self, token: str) -> None: ...
+    def delete_upload(self, token: str, parts_ref: str | None = None) -> None:
+        """Delete an upload, and the parts of an unfinished multipart upload (``parts_ref``)."""
+
+    # Multipart uploads: parts arrive (in any order, on any node, each possibly more than once), then are joined.
+
+    @abstractmethod
+    def begin_parts(self, token: str) -> str:
+        """Get ready for an upload in parts; returns the store's handle on them (kept with the upload's row)."""
+
+    @abstractmethod
+    def spool_part(self, token: str, parts_ref: str, number: int) -> UploadSpool:
+        """Where part ``number``'s bytes go; its commit stores the part (replacing an earlier try of the same number)
+        and returns its etag. ``FileNotFoundError`` if the upload's parts are gone."""
+
+    @abstractmethod
+    def list_parts(self, token: str, parts_ref: str) -> dict[int, StoredPart]:
+        """The parts stored so far, by number (empty if none or gone)."""
+
+    @abstractmethod
+    def join_parts(self, token: str, parts_ref: str, parts: list[tuple[int, str]]) -> None:
+        """Make the upload from these ``(number, etag)`` parts in this order, atomically; the parts are then gone.
+        ``ValueError`` if the store refuses them (a bucket's minimum part size)."""
+
+    @abstractmethod
+    def drop_parts(self, token: str, parts_ref: str) -> None:
+        """Forget an unfinished upload's parts."""
 
     def read_own(self, own: OwnFile, max_bytes: int) -> bytes | None:
         """The bytes of one of this server's own files (an input that is an earlier result or an upload), or
@@ -190,10 +230,86 @@ class LocalFileStore(FileStore):
         found = None if path is None else _regular_file(path, self.uploads, token)
         return None if found is None else FileBody(size=found.stat().st_size, path=found)
 
-    def delete_upload(self, token: str) -> None:
+    def delete_upload(self, token: str, parts_ref: str | None = None) -> None:
         path = self._upload_path(token)
         if path is not None:
             path.unlink(missing_ok=True)
+            shutil.rmtree(self._parts_dir(path), ignore_errors=True)  # parts a late PUT left behind, too
+
+    # Parts live in ``uploads/<token>.parts/<number>-<md5>`` until they are joined into ``uploads/<token>``.
+
+    def begin_parts(self, token: str) -> str:
+        path = self._upload_path(token)
+        if path is None:
+            raise ValueError(f"bad upload token {token!r}")
+        self._parts_dir(path).mkdir()
+        return ""
+
+    def spool_part(self, token: str, parts_ref: str, number: int) -> UploadSpool:
+        parts = self._existing_parts_dir(token)
+        tmp = parts / f".{number}.{secrets.token_hex(8)}.tmp"
+
+        def commit(fh: IO[bytes]) -> str:
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.seek(0)
+            etag = hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+            final = parts / f"{number:05d}-{etag}"
+            tmp.replace(final)
+            for older in parts.glob(f"{number:05d}-*"):  # an earlier try of this part with other bytes
+                if older != final:
+                    older.unlink(missing_ok=True)
+            return etag
+
+        return UploadSpool(tmp.open("w+b"), commit, lambda: tmp.unlink(missing_ok=True))
+
+    def list_parts(self, token: str, parts_ref: str) -> dict[int, StoredPart]:
+        try:
+            parts = self._existing_parts_dir(token)
+            entries = list(os.scandir(parts))
+        except FileNotFoundError:
+            return {}
+        found: dict[int, StoredPart] = {}
+        for entry in entries:
+            match = _PART.match(entry.name)
+            if match and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):  # replaced by another try meanwhile
+                    found[int(match[1])] = StoredPart(entry.stat().st_size, match[2])
+        return found
+
+    def join_parts(self, token: str, parts_ref: str, parts: list[tuple[int, str]]) -> None:
+        path = self._upload_path(token)
+        if path is None:
+            raise ValueError(f"bad upload token {token!r}")
+        folder = self._existing_parts_dir(token)
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.part")
+        try:
+            with tmp.open("wb") as out:
+                for number, etag in parts:
+                    with (folder / f"{number:05d}-{etag}").open("rb") as part:
+                        shutil.copyfileobj(part, out, CHUNK * 4)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def drop_parts(self, token: str, parts_ref: str) -> None:
+        path = self._upload_path(token)
+        if path is not None:
+            shutil.rmtree(self._parts_dir(path), ignore_errors=True)
+
+    def _parts_dir(self, upload_path: Path) -> Path:
+        return upload_path.with_name(f"{upload_path.name}.parts")
+
+    def _existing_parts_dir(self, token: str) -> Path:
+        """The upload's parts folder: a real folder, not a symlink; ``FileNotFoundError`` if it is gone."""
+        path = self._upload_path(token)
+        folder = None if path is None else self._parts_dir(path)
+        if folder is None or folder.is_symlink() or not folder.is_dir():
+            raise FileNotFoundError(f"no parts for upload {token!r}")
+        return folder
 
     def _result_path(self, request_id: str, name: str) -> Path | None:
         if not (_ID.match(request_id) and _NAME.match(name)):
@@ -259,10 +375,89 @@ class S3FileStore(FileStore):
     def open_upload(self, token: str) -> FileBody | None:
         return self._get(self._key("uploads", token)) if _ID.match(token) else None
 
-    def delete_upload(self, token: str) -> None:
+    def delete_upload(self, token: str, parts_ref: str | None = None) -> None:
         if _ID.match(token):
             with self._link():
                 self._client.delete_object(Bucket=self.bucket, Key=self._key("uploads", token))
+            if parts_ref:
+                self.drop_parts(token, parts_ref)
+
+    # Multipart uploads use the bucket's own multipart API: each part goes to the bucket as it arrives (spooled to
+    # a local temporary file first), any node can take any part, and completing joins them in the bucket.
+
+    def begin_parts(self, token: str) -> str:
+        if not _ID.match(token):
+            raise ValueError(f"bad upload token {token!r}")
+        with self._link():
+            answer = self._client.create_multipart_upload(Bucket=self.bucket, Key=self._key("uploads", token))
+        return str(answer["UploadId"])
+
+    def spool_part(self, token: str, parts_ref: str, number: int) -> UploadSpool:
+        if not _ID.match(token):
+            raise ValueError(f"bad upload token {token!r}")
+
+        def commit(fh: IO[bytes]) -> str:
+            fh.seek(0)
+            try:
+                with self._link():
+                    answer = self._client.upload_part(
+                        Bucket=self.bucket,
+                        Key=self._key("uploads", token),
+                        PartNumber=number,
+                        UploadId=parts_ref,
+                        Body=fh,
+                    )
+            except FilesUnavailable as exc:
+                if _code(exc.__cause__) == "NoSuchUpload":
+                    raise FileNotFoundError(f"no parts for upload {token!r}") from None
+                raise
+            return str(answer["ETag"]).strip('"')
+
+        return UploadSpool(tempfile.TemporaryFile(dir=self.spool_dir), commit)
+
+    def list_parts(self, token: str, parts_ref: str) -> dict[int, StoredPart]:
+        found: dict[int, StoredPart] = {}
+        try:
+            with self._link():
+                pages = self._client.get_paginator("list_parts").paginate(
+                    Bucket=self.bucket, Key=self._key("uploads", token), UploadId=parts_ref
+                )
+                for page in pages:
+                    for part in page.get("Parts", []):
+                        found[int(part["PartNumber"])] = StoredPart(int(part["Size"]), str(part["ETag"]).strip('"'))
+        except FilesUnavailable as exc:
+            if _code(exc.__cause__) == "NoSuchUpload":
+                return {}
+            raise
+        return found
+
+    def join_parts(self, token: str, parts_ref: str, parts: list[tuple[int, str]]) -> None:
+        listed = [{"PartNumber": number, "ETag": f'"{etag}"'} for number, etag in parts]
+        try:
+            with self._link():
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=self._key("uploads", token),
+                    UploadId=parts_ref,
+                    MultipartUpload={"Parts": listed},
+                )
+        except FilesUnavailable as exc:
+            code = _code(exc.__cause__)
+            if code == "EntityTooSmall":
+                raise ValueError("every part but the last must be at least 5 MiB (the bucket's minimum)") from None
+            if code in ("InvalidPart", "InvalidPartOrder", "NoSuchUpload"):
+                raise ValueError(f"the bucket refused the parts ({code})") from None
+            raise
+
+    def drop_parts(self, token: str, parts_ref: str) -> None:
+        try:
+            with self._link():
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self._key("uploads", token), UploadId=parts_ref
+                )
+        except FilesUnavailable as exc:
+            if _code(exc.__cause__) != "NoSuchUpload":
+                raise
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -288,8 +483,13 @@ class S3FileStore(FileStore):
 
 
 def _missing(exc: Any) -> bool:
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    return code in ("NoSuchKey", "404", "NotFound")
+    return _code(exc) in ("NoSuchKey", "404", "NotFound")
+
+
+def _code(exc: Any) -> str:
+    """A botocore ClientError's error code ("" for anything else)."""
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
 def _chunks(body: Any) -> Iterator[bytes]:

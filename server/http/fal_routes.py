@@ -36,6 +36,7 @@ from .errors import (
 from .idempotency import HEADER as IDEMPOTENCY_HEADER
 from .idempotency import KEY_PATTERN as IDEMPOTENCY_KEY_PATTERN
 from .idempotency import REPLAYED_HEADER, fingerprint
+from .lifecycle import requested_lifetime
 from .openapi_responses import CANCEL, RESULT, RUN, STATUS, STREAM, SUBMIT
 from .routing import QUEUE_PREFIX_KEY
 from .schemas import Output, input_model
@@ -137,6 +138,7 @@ def fal_router(
             webhook_url=webhook,
             sync=sync,
             idempotency=idempotency,
+            files_lifetime_s=requested_lifetime(request.headers),
         )
 
     for app in apps:

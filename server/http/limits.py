@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from ..settings import Settings
 from .errors import PayloadTooLarge, TooManyRequests, ValidationFailed
 
 QUEUE_FULL_RETRY_AFTER_S = 5.0
+MULTIPART_PART = re.compile(r"^/uploads/[^/]+/[^/]+/multipart/[^/]+/[0-9]+$")  # its route caps the body itself
 
 
 class BodyLimit:
@@ -31,8 +33,12 @@ class BodyLimit:
         self.max_bytes = max_bytes
         self.upload_max_bytes = upload_max_bytes
 
-    def limit_for(self, scope: Scope) -> int:
+    def limit_for(self, scope: Scope) -> int | None:
+        """The cap on this request's body; None where the route itself caps it (a multipart upload's part: the
+        room its upload has left, so that a part past it discards the whole upload)."""
         method, path = scope["method"], scope["path"]
+        if method == "PUT" and MULTIPART_PART.match(path):
+            return None
         if (method == "PUT" and path.startswith("/uploads/")) or (method == "POST" and path == "/files/upload"):
             return self.upload_max_bytes
         return self.max_bytes
@@ -42,6 +48,9 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope)
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _too_large(limit)(scope, receive, send)

@@ -6,14 +6,17 @@
 * Python (``fal_client.upload*``): ``POST /storage/auth/token`` returns a short-lived signed token,
   then ``POST /files/upload`` with the bytes and ``Authorization: Bearer <token>`` returns
   ``access_url``.
+* Large files, in parts: :mod:`.multipart_routes`.
 
-Uploaded files are served at ``GET /uploads/<token>/<name>`` and expire with the result retention.
+Uploaded files are served at ``GET /uploads/<token>/<name>``. They expire the result retention after they
+were stored, or sooner when the upload asked for it (``X-Fal-Object-Lifecycle``: :mod:`.lifecycle`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -27,9 +30,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from ..delivery.file_store import FileStore, file_response, safe_name
+from ..delivery.file_store import FileStore, UploadSpool, file_response, safe_name
 from ..jobs.store.base import JobStore, UploadRow
 from .errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from .lifecycle import UPLOAD_HEADERS, requested_lifetime, shorter_than_retention
 from .openapi_responses import FILES_UPLOAD, UPLOAD_INITIATE, UPLOAD_TOKEN
 
 TOKEN_TTL_S = 3600
@@ -73,6 +77,125 @@ class UploadTokens:
         return hmac.new(self._secret, payload.encode(), hashlib.sha256).hexdigest()
 
 
+class Uploads:
+    """What every upload route does: reserve an upload, take its bytes under a cap, mark it stored."""
+
+    def __init__(
+        self, store: JobStore, files: FileStore, clock: Callable[[], float], max_bytes: int, retention_s: float
+    ) -> None:
+        self.store = store
+        self.files = files
+        self.clock = clock
+        self.max_bytes = max_bytes
+        self.retention_s = retention_s
+
+    async def reserve(
+        self, request: Request, owner: str, file_name: str, content_type: str, multipart: bool = False
+    ) -> UploadRow:
+        """A new upload (in parts when ``multipart``), with the lifecycle the request asks for."""
+        lifetime = shorter_than_retention(requested_lifetime(request.headers, UPLOAD_HEADERS), self.retention_s)
+        token = secrets.token_urlsafe(24)
+        multipart_id = parts_ref = None
+        if multipart:
+            multipart_id = secrets.token_urlsafe(24)
+            parts_ref = await asyncio.to_thread(self.files.begin_parts, token)
+        now = self.clock()
+        row = UploadRow(
+            token,
+            owner,
+            safe_name(file_name),
+            content_type,
+            None,
+            now,
+            now + self.retention_s,
+            lifetime,
+            multipart_id,
+            parts_ref,
+        )
+        try:
+            self.store.add_upload(row)
+        except BaseException:
+            if parts_ref is not None:  # no row will ever name these parts: forget them now
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.files.drop_parts, token, parts_ref)
+            raise
+        return row
+
+    async def receive(self, request: Request, spool: UploadSpool, room: int, too_large: str) -> tuple[int, str | None]:
+        """Stream the body into ``spool`` and commit it: (its size, what the store said of it). ``room`` bytes at
+        most (413 with ``too_large`` past it, nothing kept)."""
+        declared = request.headers.get("content-length")
+        size = 0
+        try:
+            if declared and declared.isdigit() and int(declared) > room:
+                raise PayloadTooLarge(too_large, headers={"Connection": "close"})
+            try:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > room:
+                        raise PayloadTooLarge(too_large, headers={"Connection": "close"})
+                    spool.file.write(chunk)
+            except ClientDisconnect:
+                raise BadRequest("the client disconnected before the upload finished") from None
+            said = await asyncio.to_thread(spool.commit)
+        finally:
+            spool.close()
+        return size, said
+
+    def stored(self, row: UploadRow, size: int) -> None:
+        """The upload's bytes are stored: it is served from now on, until its lifetime ends."""
+        lifetime = row.lifetime_s if row.lifetime_s is not None else self.retention_s
+        self.store.set_upload_size(row.token, size, self.clock() + lifetime)
+
+    def live(self, token: str, name: str) -> UploadRow:
+        """The unexpired upload ``token`` named ``name``; 404 for anything else."""
+        row = self.store.get_upload(token)
+        if row is None or name != row.file_name or row.expires_at <= self.clock():
+            raise NotFound("no such upload")
+        return row
+
+    def limit_message(self) -> str:
+        return f"uploads are limited to {self.max_bytes} bytes"
+
+
+def content_type_of(value: object) -> str:
+    """An upload's content type, if uploads accept it; 400 otherwise."""
+    text = (value if isinstance(value, str) and value else "application/octet-stream").split(";")[0]
+    text = text.strip().lower()
+    if text not in ALLOWED_UPLOAD_TYPES:
+        raise BadRequest(f"uploads must be one of {', '.join(ALLOWED_UPLOAD_TYPES)}, not {text!r}")
+    return text
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """An initiate request's JSON body (``content_type``, ``file_name``)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("expected a JSON body with content_type and file_name") from None
+    if not isinstance(body, dict):
+        raise BadRequest("expected a JSON object with content_type and file_name")
+    return body
+
+
+def initiate_name(body: dict[str, Any], content_type: str) -> str:
+    ext = mimetypes.guess_extension(content_type) or ""
+    return str(body.get("file_name") or f"upload{ext}")
+
+
+def bearer_owner(request: Request, tokens: UploadTokens, now: float) -> str:
+    """The owner of the upload token in ``Authorization: Bearer``; 401 without a valid one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    owner = tokens.owner(token.strip(), now) if scheme.lower() == "bearer" else None
+    if owner is None:
+        raise Unauthorized("missing or expired upload token; get one from POST /storage/auth/token")
+    return owner
+
+
+def file_url(base_url: str, row: UploadRow) -> str:
+    return f"{base_url}/uploads/{row.token}/{row.file_name}"
+
+
 def storage_router(
     store: JobStore,
     files: FileStore,
@@ -83,70 +206,37 @@ def storage_router(
     retention_s: float,
     clock: Callable[[], float],
 ) -> APIRouter:
+    from .multipart_routes import add_multipart_routes  # it builds on this module's helpers
+
     router = APIRouter(tags=["storage"])
+    uploads = Uploads(store, files, clock, max_bytes, retention_s)
 
-    def reserve(owner: str, file_name: str, content_type: str) -> UploadRow:
-        now = clock()
-        row = UploadRow(
-            secrets.token_urlsafe(24), owner, safe_name(file_name), content_type, None, now, now + retention_s
-        )
-        store.add_upload(row)
-        return row
-
-    async def receive_body(request: Request, token: str) -> int:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise PayloadTooLarge(f"uploads are limited to {max_bytes} bytes")
-        size = 0
-        spool = files.spool_upload(token)
-        try:
-            try:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise PayloadTooLarge(f"uploads are limited to {max_bytes} bytes")
-                    spool.file.write(chunk)
-            except ClientDisconnect:
-                raise BadRequest("the client disconnected before the upload finished") from None
-            await asyncio.to_thread(spool.commit)
-        finally:
-            spool.close()
+    async def receive_whole(request: Request, row: UploadRow) -> int:
+        spool = files.spool_upload(row.token)
+        size, _ = await uploads.receive(request, spool, max_bytes, uploads.limit_message())
         return size
-
-    def content_type_of(value: object) -> str:
-        text = (value if isinstance(value, str) and value else "application/octet-stream").split(";")[0]
-        text = text.strip().lower()
-        if text not in ALLOWED_UPLOAD_TYPES:
-            raise BadRequest(f"uploads must be one of {', '.join(ALLOWED_UPLOAD_TYPES)}, not {text!r}")
-        return text
 
     @router.post("/storage/upload/initiate", responses=UPLOAD_INITIATE)
     async def initiate(request: Request, owner: str = Depends(owner_of)) -> dict[str, str]:
-        try:
-            body: dict[str, Any] = await request.json()
-        except ValueError:
-            raise BadRequest("expected a JSON body with content_type and file_name") from None
-        if not isinstance(body, dict):
-            raise BadRequest("expected a JSON object with content_type and file_name")
+        body = await json_object(request)
         content_type = content_type_of(body.get("content_type"))
-        ext = mimetypes.guess_extension(content_type) or ""
-        row = reserve(owner, str(body.get("file_name") or f"upload{ext}"), content_type)
-        url = f"{base_url_of(request)}/uploads/{row.token}/{row.file_name}"
+        row = await uploads.reserve(request, owner, initiate_name(body, content_type), content_type)
+        url = file_url(base_url_of(request), row)
         return {"upload_url": url, "file_url": url}
 
     @router.put("/uploads/{token}/{name}", include_in_schema=False)
     async def put_upload(token: str, name: str, request: Request) -> dict[str, Any]:
-        row = store.get_upload(token)
-        if row is None or name != row.file_name or row.expires_at <= clock():
-            raise NotFound("no such upload")
+        row = uploads.live(token, name)
+        if row.multipart_id is not None:
+            raise BadRequest("this upload takes its bytes in parts (PUT .../multipart/<id>/<n>)")
         if not store.claim_upload(token):  # one PUT per upload URL, even when two race
             raise BadRequest("this upload URL has already been used")
         try:
-            size = await receive_body(request, token)
+            size = await receive_whole(request, row)
         except BaseException:
             store.release_upload(token)  # a failed PUT may be retried
             raise
-        store.set_upload_size(token, size)
+        uploads.stored(row, size)
         return {"file_url": str(request.url), "size": size}
 
     @router.post("/storage/auth/token", responses=UPLOAD_TOKEN)
@@ -161,15 +251,14 @@ def storage_router(
 
     @router.post("/files/upload", responses=FILES_UPLOAD)
     async def files_upload(request: Request) -> JSONResponse:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        owner = tokens.owner(token.strip(), clock()) if scheme.lower() == "bearer" else None
-        if owner is None:
-            raise Unauthorized("missing or expired upload token; get one from POST /storage/auth/token")
+        owner = bearer_owner(request, tokens, clock())
         content_type = content_type_of(request.headers.get("content-type"))
-        row = reserve(owner, request.headers.get("x-fal-file-name") or "upload", content_type)
-        size = await receive_body(request, row.token)
-        store.set_upload_size(row.token, size)
-        return JSONResponse({"access_url": f"{base_url_of(request)}/uploads/{row.token}/{row.file_name}"})
+        name = request.headers.get("x-fal-file-name") or "upload"
+        row = await uploads.reserve(request, owner, name, content_type)
+        uploads.stored(row, await receive_whole(request, row))
+        return JSONResponse({"access_url": file_url(base_url_of(request), row)})
+
+    add_multipart_routes(router, uploads, tokens, owner_of, base_url_of)
 
     @router.get("/uploads/{token}/{name}", include_in_schema=False)
     async def get_upload(token: str, name: str) -> Response:

@@ -94,6 +94,10 @@ class Job:
     lease_until: float | None = None
     waiter: str | None = None
     version: int = 0  # the row's write count: a watcher sees a change by it alone
+    # An object lifecycle the request asked for (X-Fal-Object-Lifecycle-Preference), when shorter than the result
+    # retention: its files expire this long after it ends (``files_expire_at``), its result JSON with the retention.
+    files_lifetime_s: float | None = None
+    files_expire_at: float | None = None
 
     @property
     def sync_mode(self) -> bool:

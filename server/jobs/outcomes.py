@@ -2,8 +2,8 @@
 a sync run nobody waits for), the sweepers (a lease lost too often) and the GPU workers (results and errors).
 
 A terminal state carries the answer the result route gives (``http_status`` and the output or the error body),
-an expiry (the result retention) and, when the request asked for one, its webhook, which the store writes in
-the same transaction as the state.
+an expiry (the result retention; for its files a shorter one when the request asked for it) and, when the
+request asked for one, its webhook, which the store writes in the same transaction as the state.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def _terminal(
     job.http_status = status
     job.finished_at = now
     job.expires_at = now + retention_s
+    if job.files_lifetime_s is not None and job.files_lifetime_s < retention_s:
+        job.files_expire_at = now + job.files_lifetime_s
     job.lease_until = None  # ``worker`` stays: which worker ran it
     if not job.webhook_url:
         return None

@@ -22,6 +22,7 @@ from typing import Any
 from ..delivery.file_store import FileStore
 from ..delivery.webhooks import WebhookSender
 from ..http.errors import AlreadyCompleted, Draining, EngineUnavailable, IdempotencyKeyReused, NotFound
+from ..http.lifecycle import shorter_than_retention
 from ..http.limits import RequestLimits
 from ..inputs.input_fetch import batch_key_of, rows_of
 from ..inputs.url_guard import FetchGuard
@@ -119,8 +120,12 @@ class JobService:
         webhook_url: str | None = None,
         sync: bool = False,
         idempotency: tuple[str, str] | None = None,
+        files_lifetime_s: float | None = None,
     ) -> Job:
-        """Create a job; it is durable when this returns (with its ``(Idempotency-Key, fingerprint)``, if given)."""
+        """Create a job; it is durable when this returns (with its ``(Idempotency-Key, fingerprint)``, if given).
+
+        ``files_lifetime_s`` (an object lifecycle preference) makes its files expire that long after it ends, when
+        that is shorter than the result retention (never longer)."""
         if self.draining:
             raise Draining()
         if self.host is not None and self.host.state == "failed" and self.worker is not None:
@@ -148,6 +153,7 @@ class JobService:
             batch_key=batch_key_of(app_id, payload, job_id),
             rows=rows_of(payload),
             waiter=self.node.id if sync else None,
+            files_lifetime_s=shorter_than_retention(files_lifetime_s, self.settings.result_retention_s),
         )
         job.add_log("Request queued", when=now)
         self.store.add(job, idempotency)
@@ -201,7 +207,8 @@ class JobService:
         job = self.finished.get(job_id) or self.store.get(job_id)
         if job is None or (name is not None and name not in job.files):
             return False
-        return job.expires_at is None or job.expires_at > self.clock()
+        now = self.clock()
+        return all(t is None or t > now for t in (job.expires_at, job.files_expire_at))
 
     def position(self, job: Job) -> int | None:
         """Queued jobs ahead of ``job``, from the store: right whichever node answers."""
@@ -310,31 +317,35 @@ class JobService:
     async def _collector(self) -> None:
         while True:
             try:
-                self.collect_garbage()
+                await asyncio.to_thread(self.collect_garbage)  # file deletions (a bucket's too) off the event loop
             except Exception:
                 log.exception("garbage collection failed")
             await asyncio.sleep(self.settings.gc_interval_s)
 
     def collect_garbage(self) -> int:
-        """Delete expired requests, their files and expired uploads. Returns how many requests went."""
+        """Delete expired requests and their files, files whose own lifecycle ended, and expired uploads (an
+        unfinished multipart upload's parts too). Returns how many requests went."""
         now = self.clock()
-        removed = 0
-        while True:
-            expired = self.store.expired(now)
-            if not expired:
-                break
+        removed = files = uploads = 0
+        while expired := self.store.expired(now):
             for job in expired:
                 self.files.delete_results(job.id)
                 self.finished.pop(job.id, None)
             self.store.delete([j.id for j in expired])
             removed += len(expired)
-        tokens = self.store.expired_uploads(now)
-        for token in tokens:
-            self.files.delete_upload(token)
-        if tokens:
-            self.store.delete_uploads(tokens)
-        if removed or tokens:
-            log.info("collected %d expired requests and %d uploads", removed, len(tokens))
+        while due := self.store.expired_files(now):
+            for job_id in due:
+                self.files.delete_results(job_id)
+                self.finished.pop(job_id, None)
+            self.store.forget_files(due)
+            files += len(due)
+        while rows := self.store.expired_uploads(now):
+            for row in rows:
+                self.files.delete_upload(row.token, row.parts_ref if row.size is None or row.size < 0 else None)
+            self.store.delete_uploads([row.token for row in rows])
+            uploads += len(rows)
+        if removed or files or uploads:
+            log.info("collected %d expired requests, the files of %d requests and %d uploads", removed, files, uploads)
         return removed
 
     def update_gauges(self) -> None:

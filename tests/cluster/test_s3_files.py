@@ -8,12 +8,14 @@ that issued them restarts, and from another API node with an empty data director
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -103,3 +105,50 @@ def test_files_in_an_s3_bucket_outlive_the_api_node_that_issued_them(
         assert client.get(httpx.URL(image_url).path).content == made
         assert client.get(f"/queue/fal-ai/fast-lightning-sdxl/requests/{rid}").json() == output
     again.stop()
+
+
+def test_multipart_uploads_are_the_buckets_own(
+    s3: dict[str, str], make_server: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts go to the bucket as parts of its own multipart upload: the real Python client (threshold lowered,
+    5 MiB parts: the bucket's minimum) gets its file back; a complete naming a part never sent is a 400 that keeps
+    the upload; a part past ``upload_max_bytes`` aborts the bucket's upload (nothing left in it)."""
+    import fal_client
+    import fal_client.client
+
+    from tests.compat.test_python_client import _reset_module_clients
+
+    s3.pop("root")
+    for name, value in s3.items():
+        monkeypatch.setenv(name, value)
+    limit = 12 << 20
+    server = make_server(files="s3://results/inpaint", upload_max_bytes=limit, api_keys=["k"])
+    monkeypatch.setenv("FAL_KEY", "k")
+    _reset_module_clients()
+    monkeypatch.setattr(fal_client.client, "REST_URL", server.url)
+    monkeypatch.setattr(fal_client.client, "MULTIPART_THRESHOLD", 1 << 20)
+    monkeypatch.setattr(fal_client.client, "MULTIPART_CHUNK_SIZE", 5 << 20)
+    data = os.urandom((5 << 20) + 100_000)
+    try:
+        url = fal_client.upload(data, "application/octet-stream", file_name="big.bin")
+    finally:
+        _reset_module_clients()
+    assert httpx.get(url).content == data
+    bucket = server.app.state.files._client
+    assert bucket.list_multipart_uploads(Bucket="results").get("Uploads", []) == []
+
+    with httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": "Key k"}) as client:
+        initiated = client.post("/storage/upload/initiate-multipart", json={"content_type": "image/png"}).json()
+    upload_url = initiated["upload_url"]
+    first = httpx.put(f"{upload_url}/1", content=os.urandom(6 << 20))
+    assert first.status_code == 200, first.text
+    missing = httpx.post(
+        f"{upload_url}/complete",
+        json={"parts": [{"partNumber": 1, "etag": first.json()["etag"]}, {"partNumber": 2, "etag": "0" * 32}]},
+    )
+    assert missing.status_code == 400 and "never uploaded" in missing.json()["detail"]
+    assert len(bucket.list_multipart_uploads(Bucket="results").get("Uploads", [])) == 1
+    refused = httpx.put(f"{upload_url}/2", content=os.urandom(7 << 20))
+    assert refused.status_code == 413
+    assert bucket.list_multipart_uploads(Bucket="results").get("Uploads", []) == []
+    assert httpx.get(initiated["file_url"]).status_code == 404

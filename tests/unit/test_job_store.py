@@ -192,14 +192,30 @@ def test_expired_returns_only_what_is_due(store: JobStore) -> None:
 
 def test_uploads_round_trip_and_expire(store: JobStore) -> None:
     row = UploadRow("tok-aaaaaaaa", "owner", "photo.png", "image/png", None, 10.0, 20.0)
+    parts = UploadRow("tok-bbbbbbbb", "owner", "big.bin", "application/octet-stream", None, 10.0, 50.0, 5.0, "m", "r")
     store.add_upload(row)
-    assert store.get_upload(row.token) == row
+    store.add_upload(parts)
+    assert store.get_upload(row.token) == row and store.get_upload(parts.token) == parts
     store.set_upload_size(row.token, 1234)
     assert store.get_upload(row.token).size == 1234
     assert store.expired_uploads(19.9) == []
-    assert store.expired_uploads(20.0) == [row.token]
-    store.delete_uploads([row.token])
+    assert store.expired_uploads(20.0) == [store.get_upload(row.token)]
+    store.set_upload_size(parts.token, 99, expires_at=15.0)  # stored: its own lifetime from now on
+    assert sorted(r.token for r in store.expired_uploads(20.0)) == [row.token, parts.token]
+    store.delete_uploads([row.token, parts.token])
     assert store.get_upload(row.token) is None and store.get_upload("missing") is None
+
+
+def test_files_with_a_lifecycle_of_their_own_expire_before_the_request(store: JobStore) -> None:
+    job = make_job("short-files", 1)
+    store.add(job)
+    job.state, job.files, job.expires_at, job.files_expire_at = JobState.SUCCEEDED, ["0.jpeg"], 100.0, 30.0
+    assert store.save(job)
+    assert store.expired_files(29.9) == [] and store.expired_files(30.0) == ["short-files"]
+    store.forget_files(["short-files"])
+    kept = store.get("short-files")
+    assert (kept.files, kept.files_expire_at, kept.expires_at) == ([], None, 100.0)
+    assert store.expired_files(1e9) == []
 
 
 def test_a_failed_transaction_leaves_nothing_behind(store: JobStore) -> None:

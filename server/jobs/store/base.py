@@ -76,7 +76,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     lease_until {real},
     waiter TEXT,
-    version BIGINT NOT NULL DEFAULT 0
+    version BIGINT NOT NULL DEFAULT 0,
+    files_lifetime_s {real},
+    files_expire_at {real}
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (state, priority, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
@@ -101,7 +103,10 @@ CREATE TABLE IF NOT EXISTS uploads (
     content_type TEXT NOT NULL,
     size BIGINT,
     created_at {real} NOT NULL,
-    expires_at {real} NOT NULL
+    expires_at {real} NOT NULL,
+    lifetime_s {real},
+    multipart_id TEXT,
+    parts_ref TEXT
 );
 CREATE TABLE IF NOT EXISTS idempotency (
     owner TEXT NOT NULL,
@@ -143,9 +148,17 @@ _ADDED_COLUMNS = {
         "lease_until": "{real}",
         "waiter": "TEXT",
         "version": "BIGINT NOT NULL DEFAULT 0",
+        "files_lifetime_s": "{real}",
+        "files_expire_at": "{real}",
     },
     "webhooks": {"claimed_by": "TEXT", "claimed_until": "{real}"},
+    "uploads": {"lifetime_s": "{real}", "multipart_id": "TEXT", "parts_ref": "TEXT"},
 }
+# Indexes on added columns: created once the columns exist.
+_ADDED_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_files_expiry ON jobs (files_expire_at)",
+    "CREATE INDEX IF NOT EXISTS uploads_expiry ON uploads (expires_at)",
+)
 
 _JSON_FIELDS = ("input", "result", "error_body", "logs", "files")
 _COLUMNS = [
@@ -183,6 +196,8 @@ _COLUMNS = [
     "lease_until",
     "waiter",
     "version",
+    "files_lifetime_s",
+    "files_expire_at",
 ]
 _SELECT = ", ".join(_COLUMNS)
 # Every column but the input (data URIs: megabytes), which only a worker preparing the job reads.
@@ -193,6 +208,19 @@ _UNFINISHED = (_QUEUED, _RUNNING)
 _UPDATED = [c for c in _COLUMNS if c not in ("id", "input", "version")]
 _UPDATE = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _UPDATED)}, version = version + 1 WHERE id = ?"
 _NODE_COLUMNS = "id, name, kind, host, pid, pid_start, device, started_at, heartbeat_at, state, stats"
+_UPLOAD_COLUMNS = (
+    "token",
+    "owner",
+    "file_name",
+    "content_type",
+    "size",
+    "created_at",
+    "expires_at",
+    "lifetime_s",
+    "multipart_id",
+    "parts_ref",
+)
+_UPLOAD_SELECT = ", ".join(_UPLOAD_COLUMNS)
 
 
 @dataclass
@@ -207,6 +235,13 @@ class WebhookRow:
 
 @dataclass
 class UploadRow:
+    """An upload: reserved (``size`` None), being written (-1) or stored (its size in bytes).
+
+    ``expires_at`` is the reservation's expiry until the upload is stored, then the file's: ``lifetime_s`` (the
+    client's lifecycle, shorter than the retention) or the retention after it was stored. A multipart upload has
+    ``multipart_id`` (the secret in its part URLs) and ``parts_ref`` (the file store's handle on its parts).
+    """
+
     token: str
     owner: str
     file_name: str
@@ -214,6 +249,9 @@ class UploadRow:
     size: int | None
     created_at: float
     expires_at: float
+    lifetime_s: float | None = None
+    multipart_id: str | None = None
+    parts_ref: str | None = None
 
 
 @dataclass(frozen=True)
@@ -312,6 +350,8 @@ class JobStore(ABC):
             for name, decl in columns.items():
                 if name not in have:
                     db.q(f"ALTER TABLE {table} ADD COLUMN {name} {decl.format(real=self._real)}")
+        for statement in _ADDED_INDEXES:
+            db.q(statement)
         self._init_seq(db)
 
     def _init_seq(self, db: Db) -> None:
@@ -767,28 +807,13 @@ class JobStore(ABC):
     # ------------------------------------------------------------------ uploads
 
     def add_upload(self, upload: UploadRow) -> None:
+        values = [getattr(upload, c) for c in _UPLOAD_COLUMNS]
         with self._tx() as db:
-            db.q(
-                "INSERT INTO uploads (token, owner, file_name, content_type, size, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    upload.token,
-                    upload.owner,
-                    upload.file_name,
-                    upload.content_type,
-                    upload.size,
-                    upload.created_at,
-                    upload.expires_at,
-                ),
-            )
+            db.q(f"INSERT INTO uploads ({_UPLOAD_SELECT}) VALUES ({_marks(values)})", values)
 
     def get_upload(self, token: str) -> UploadRow | None:
         with self._read() as db:
-            row = db.q(
-                "SELECT token, owner, file_name, content_type, size, created_at, expires_at FROM uploads "
-                "WHERE token = ?",
-                (token,),
-            ).fetchone()
+            row = db.q(f"SELECT {_UPLOAD_SELECT} FROM uploads WHERE token = ?", (token,)).fetchone()
         return UploadRow(*row) if row else None
 
     def claim_upload(self, token: str) -> bool:
@@ -800,18 +825,37 @@ class JobStore(ABC):
         with self._tx() as db:
             db.q("UPDATE uploads SET size = NULL WHERE token = ? AND size = -1", (token,))
 
-    def set_upload_size(self, token: str, size: int) -> None:
+    def set_upload_size(self, token: str, size: int, expires_at: float | None = None) -> None:
+        """The upload is stored: its size, and from when on it expires (None keeps the reservation's expiry)."""
         with self._tx() as db:
-            db.q("UPDATE uploads SET size = ? WHERE token = ?", (size, token))
+            if expires_at is None:
+                db.q("UPDATE uploads SET size = ? WHERE token = ?", (size, token))
+            else:
+                db.q("UPDATE uploads SET size = ?, expires_at = ? WHERE token = ?", (size, expires_at, token))
 
-    def expired_uploads(self, now: float, limit: int = 500) -> list[str]:
+    def expired_uploads(self, now: float, limit: int = 500) -> list[UploadRow]:
         with self._read() as db:
-            rows = db.q("SELECT token FROM uploads WHERE expires_at <= ? LIMIT ?", (now, limit)).fetchall()
-        return [r[0] for r in rows]
+            rows = db.q(f"SELECT {_UPLOAD_SELECT} FROM uploads WHERE expires_at <= ? LIMIT ?", (now, limit)).fetchall()
+        return [UploadRow(*r) for r in rows]
 
     def delete_uploads(self, tokens: list[str]) -> None:
         with self._tx() as db:
             db.many("DELETE FROM uploads WHERE token = ?", [(t,) for t in tokens])
+
+    # ------------------------------------------------------------------ files with a lifecycle of their own
+
+    def expired_files(self, now: float, limit: int = 500) -> list[str]:
+        """Ids of requests whose files expire before the request (a lifecycle preference) and are due."""
+        with self._read() as db:
+            rows = db.q(
+                "SELECT id FROM jobs WHERE files_expire_at IS NOT NULL AND files_expire_at <= ? LIMIT ?", (now, limit)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def forget_files(self, job_ids: list[str]) -> None:
+        """The files of these requests are deleted: the rows name none (the results keep their URLs, now 404)."""
+        with self._tx() as db:
+            db.many("UPDATE jobs SET files = '[]', files_expire_at = NULL WHERE id = ?", [(i,) for i in job_ids])
 
 
 def this_host() -> str:
