@@ -98,14 +98,22 @@ def resolver_for(models: str, data_dir: Path, config_dir: Path | None = None, fe
 
 
 def served_variants(spec: Any, apps: list[str]) -> list[tuple[str, int]] | None:
-    """``APP`` or ``APP:STEPS`` items as (app id, steps); None (every variant) when empty."""
+    """``APP`` or ``APP:STEPS`` items as (app id, steps); None (every variant) when empty. A
+    :class:`~pipelines.errors.ConfigError` names an unknown app or step count."""
     if not apps:
         return None
+    from .errors import ConfigError
+
     variants: list[tuple[str, int]] = []
     for item in apps:
         name, _, steps = item.partition(":")
         app = spec.app(name)
-        variants += [(app.app_id, int(steps))] if steps else [(app.app_id, n) for n in app.steps]
+        if not steps:
+            variants += [(app.app_id, n) for n in app.steps]
+        elif steps.isdigit() and int(steps) in app.variants:
+            variants.append((app.app_id, int(steps)))
+        else:
+            raise ConfigError(f"{item!r}: {app.app_id} offers {list(app.steps)} steps, not {steps!r}")
     return variants
 
 
