@@ -286,16 +286,17 @@ def _quiet_model_libraries() -> None:
 
 
 def _serving(args: argparse.Namespace):
-    """The spec and resolver for ``--models``/``--model-path``/``--config-dir``."""
+    """The spec, the apps ``--app`` names (checked first: an unknown one exits 2 before any model work; None
+    for all) and the resolver for ``--models``/``--model-path``/``--config-dir``."""
     from pipelines.serving import resolver_for
     from pipelines.specs import load_serving_spec
 
     spec = load_serving_spec(args.config_dir, dict(args.model_path))
-    app = getattr(args, "app", None)
-    app = app[0] if isinstance(app, list) and len(app) == 1 else app
-    hint = f"{PROG} download" + (f" --app {app}" if isinstance(app, str) else "")
+    names = args.app if isinstance(args.app, list) else [args.app] if args.app else []
+    apps = [_app(spec, name) for name in names] or None
+    hint = " ".join([f"{PROG} download", *(f"--app {name}" for name in names)])
     resolver = resolver_for(args.models, args.data_dir or default_data_dir(), args.config_dir, fetch_hint=hint)
-    return spec, resolver
+    return spec, apps, resolver
 
 
 def _app(spec, name: str):
@@ -332,8 +333,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         embeddings = [_embedding(args.embedding)] if args.embedding else []
     except SourceError as exc:
         _fail(str(exc), 2)
-    spec, resolver = _serving(args)
-    app = _app(spec, args.app)
+    spec, apps, resolver = _serving(args)
+    app = apps[0]
     steps = app.default_steps if args.steps is None else args.steps
     if steps not in app.variants:
         _fail(f"num_inference_steps: {app.app_id} offers {list(app.steps)}, not {steps}", 2)
@@ -397,8 +398,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     from pipelines.hub import download_all
 
-    spec, resolver = _serving(args)
-    apps = [_app(spec, a) for a in args.app] if args.app else None
+    spec, apps, resolver = _serving(args)
     paths = download_all(spec, apps, resolver)
     log.info("%d model files/folders present", len(paths))
     return _emit({"files": sorted({str(p) for p in paths})})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,40 @@ def test_serve_compile_flag_reaches_the_settings(monkeypatch) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(["serve", "--compile", "maybe"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--models", "tiny", "--app", "nope", "--image", "{png}", "--mask", "{png}", "--prompt", "x"],
+        ["download", "--models", "tiny", "--app", "hyper-sdxl", "--app", "nope"],
+        ["serve", "--models", "tiny", "--app", "nope"],
+        ["serve", "--models", "tiny", "--apps", "hyper-sdxl:3"],
+        ["worker", "--models", "tiny", "--app", "fast-lightning-sdxl:x"],
+    ],
+)
+def test_an_unknown_app_exits_2_like_any_bad_argument(argv, tmp_path, monkeypatch, capsys) -> None:
+    """Found before anything loads or starts (no tiny models generated, no server)."""
+    from server import cli
+
+    noise_image(16, 16).save(tmp_path / "in.png")
+    monkeypatch.setenv("INPAINT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr("server.app.create_app", lambda settings: pytest.fail("serve started"))
+    monkeypatch.setattr("server.worker_app.run_worker", lambda settings: pytest.fail("worker started"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main([a.format(png=tmp_path / "in.png") for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("inpaint-server: error:") and ("nope" in err[-1] or "offers [" in err[-1]), err
+    assert not (tmp_path / "data" / "tiny-models").exists()
+
+
+def test_serve_that_cannot_listen_exits_3(tmp_path) -> None:
+    """An API node (no models to load) on a port another socket holds."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run(["serve", "--workers", "0", "--port", str(port), "--data-dir", str(tmp_path)], tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "address already in use" in proc.stderr.lower()
