@@ -24,7 +24,7 @@ from .expansion import PromptExpander
 from .fault_injection import FaultHook, FaultPoint, hook_from_env
 from .gpu_faults import check_device, classify_gpu_error, first_line, free_memory, low_memory_vae
 from .graphs import UNetCall, UNetGraphs
-from .hub import EXPANSION_FILES, SAFETY_CHECKER_FILES, Resolver, resolve_repo
+from .hub import EXPANSION_FILES, SAFETY_CHECKER_FILES, Resolver, check_model_files, model_parts, resolve_repo
 from .inpaint import DenoiseBatch, FewStepInpaintPipeline
 from .loading import ModelStore
 from .optimize import (
@@ -146,8 +146,6 @@ class Engine:
             use_compile_cache(speed.cache_dir)  # before anything can compile
         if device.type == "cuda":
             log.info("attention backends, in order: %s", ", ".join(set_attention_order(speed.attention)))
-        resolver = resolver or Resolver()
-        store = ModelStore(device, dtype, resolver)
         chosen: dict[tuple[str, int], VariantSpec] = {}
         wanted = (
             list(variants)
@@ -159,6 +157,10 @@ class Engine:
             if steps not in app.variants:
                 raise InputError("num_inference_steps", f"{app.app_id} offers {list(app.steps)}, not {steps}")
             chosen[(app.app_id, steps)] = app.variants[steps]
+        # Missing files fail here, all named at once, before any weight is read (not after retries offline).
+        parts = model_parts(spec, chosen.values(), safety_checker, prompt_expansion)
+        resolver = check_model_files(parts, resolver or Resolver())
+        store = ModelStore(device, dtype, resolver)
         for variant in chosen.values():
             applied = optimize_pipeline(store.pipeline(variant, FewStepInpaintPipeline), speed)
             if applied:

@@ -176,7 +176,11 @@ def _add_health(sub: argparse._SubParsersAction) -> None:
     hc.add_argument("--ready", action="store_true", help="check /health/ready (models loaded and warm), not live")
     hc.add_argument("--url", help="the server's base URL (default: loopback, port and scheme from the settings)")
     hc.add_argument(
-        "--wait", type=_float, default=0.0, metavar="SECONDS", help="keep asking this long, printing each new reason"
+        "--wait",
+        type=_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep asking this long, printing each new reason (stops at once if the models failed to load)",
     )
     hc.add_argument("--timeout", type=_float, default=3.0, metavar="SECONDS", help="per request (default 3)")
 
@@ -198,7 +202,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     answer = wait(url, path, timeout=args.timeout, wait_s=args.wait, report=report)
     if not answer.ok:
-        print(f"{PROG}: {url}{path}: {answer.message}", file=sys.stderr)
+        verdict = "cannot become ready: " if answer.final else ""
+        print(f"{PROG}: {url}{path}: {verdict}{answer.message}", file=sys.stderr)
         return 1
     print(answer.message)
     return 0
@@ -288,13 +293,13 @@ def _quiet_model_libraries() -> None:
 def _serving(args: argparse.Namespace):
     """The spec, the apps ``--app`` names (checked first: an unknown one exits 2 before any model work; None
     for all) and the resolver for ``--models``/``--model-path``/``--config-dir``."""
-    from pipelines.serving import resolver_for
+    from pipelines.serving import download_command, resolver_for
     from pipelines.specs import load_serving_spec
 
     spec = load_serving_spec(args.config_dir, dict(args.model_path))
     names = args.app if isinstance(args.app, list) else [args.app] if args.app else []
     apps = [_app(spec, name) for name in names] or None
-    hint = " ".join([f"{PROG} download", *(f"--app {name}" for name in names)])
+    hint = download_command(names, args.config_dir)
     resolver = resolver_for(args.models, args.data_dir or default_data_dir(), args.config_dir, fetch_hint=hint)
     return spec, apps, resolver
 
@@ -321,11 +326,7 @@ def _embedding(text: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pipelines import InpaintRequest
-    from pipelines.encode import CONTENT_TYPES, encode_image
-    from pipelines.engine import Engine
-    from pipelines.optimize import SpeedOptions
-    from pipelines.serving import pick_device
+    from pipelines.hub import check_model_files, model_parts
 
     try:
         image = read_source(args.image)
@@ -338,9 +339,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps = app.default_steps if args.steps is None else args.steps
     if steps not in app.variants:
         _fail(f"num_inference_steps: {app.app_id} offers {list(app.steps)}, not {steps}", 2)
+    # Missing model files fail before torch and diffusers are even imported (seconds on a small machine).
+    parts = model_parts(spec, [app.variants[steps]], not args.no_safety_checker, args.expand_prompt)
+    resolver = check_model_files(parts, resolver, announce=False)  # Engine.load says what it downloads
+    _quiet_model_libraries()
+    result, request_id = _generate(args, spec, resolver, app.app_id, steps, image, mask, embeddings)
+    for warning in result.warnings:
+        print(f"{PROG}: WARN {warning}", file=sys.stderr, flush=True)
+    return _emit(
+        {
+            "images": _write_images(result.images, args.out, args.format, request_id),
+            "timings": result.timings,
+            "seed": result.seed,
+            "has_nsfw_concepts": result.has_nsfw_concepts,
+            "prompt": result.prompt,
+        }
+    )
+
+
+def _generate(args: argparse.Namespace, spec, resolver, app_id: str, steps: int, image, mask, embeddings):
+    """Load the one variant ``generate`` needs and run its request: the result (errors raised) and its id."""
+    from pipelines import InpaintRequest
+    from pipelines.engine import Engine
+    from pipelines.optimize import SpeedOptions
+    from pipelines.serving import pick_device
+
     device = pick_device(args.device)
     request = InpaintRequest(
-        app_id=app.app_id,
+        app_id=app_id,
         image=image,
         mask=mask,
         prompt=args.prompt,
@@ -358,7 +384,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         spec,
         device=device,
         resolver=resolver,
-        variants=[(app.app_id, steps)],
+        variants=[(app_id, steps)],
         safety_checker=request.enable_safety_checker,
         prompt_expansion=request.expand_prompt,
         # One image: compiling would take longer than it saves; the other levers are free.
@@ -368,31 +394,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = engine.run([prepared], on_progress=lambda rid, i, n: log.info("step %d/%d", i, n))[0]
     if result.error is not None:
         raise result.error
-    args.out.mkdir(parents=True, exist_ok=True)
-    images = []
-    for k, img in enumerate(result.images):
-        data = encode_image(img, args.format)
-        path = (args.out / f"{request.request_id}-{k}.{args.format}").resolve()
+    return result, request.request_id
+
+
+def _write_images(images: list, out: Path, fmt: str, request_id: str) -> list[dict]:
+    """Encode and write each image under ``out``; fal's image objects with local paths as URLs."""
+    from pipelines.encode import CONTENT_TYPES, encode_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, img in enumerate(images):
+        data = encode_image(img, fmt)
+        path = (out / f"{request_id}-{k}.{fmt}").resolve()
         path.write_bytes(data)
-        images.append(
+        written.append(
             {
                 "url": str(path),
-                "content_type": CONTENT_TYPES[args.format],
+                "content_type": CONTENT_TYPES[fmt],
                 "file_name": path.name,
                 "file_size": len(data),
                 "width": img.width,
                 "height": img.height,
             }
         )
-    return _emit(
-        {
-            "images": images,
-            "timings": result.timings,
-            "seed": result.seed,
-            "has_nsfw_concepts": result.has_nsfw_concepts,
-            "prompt": result.prompt,
-        }
-    )
+    return written
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -429,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "verbose", False))
     from pipelines.errors import ConfigError, EngineError, InputError, ModelFileError
 
-    if args.command in ("generate", "download", "models"):
+    if args.command == "models":  # generate quiets them once its model files are known to be there
         _quiet_model_libraries()
     handlers = {"generate": cmd_generate, "download": cmd_download, "serve": cmd_serve, "worker": cmd_worker}
     handler = cmd_make_tiny if args.command == "models" else handlers[args.command]

@@ -8,12 +8,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.helpers import box_mask, noise_image
+from tests.live import free_port
 
 CLI = [sys.executable, "-m", "server.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,17 +116,27 @@ def test_unreadable_image_names_the_field(workdir):
     assert "inpaint-server: error: image_url:" in proc.stderr.splitlines()[-1]
 
 
-def test_missing_models_name_repo_file_and_command(workdir, tmp_path):
+@pytest.mark.parametrize("network", ["HF_HUB_OFFLINE", "off"])
+def test_missing_models_fail_at_once_naming_repo_files_and_command(workdir, tmp_path, network):
+    """An empty cache: with HF_HUB_OFFLINE, or with the network off and nothing said (the Hub refuses
+    connections), the error comes at once (no huggingface_hub retries) and names what to fetch, and how."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1" if network == "HF_HUB_OFFLINE" else "0"}
+    if network == "off":
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
     proc = run(
         ["generate", "--app", "hyper-sdxl", "--image", "photo.png", "--mask", "mask.png", "--prompt", "x"],
         workdir,
-        HF_HOME=str(tmp_path / "hf"),
-        HF_HUB_OFFLINE="1",
+        **env,
     )
+    elapsed = time.monotonic() - started
     assert proc.returncode == 1 and proc.stdout == ""
+    assert "Retry" not in proc.stderr and elapsed < 20, (elapsed, proc.stderr)  # it used to take ~28 s
     last = proc.stderr.strip().splitlines()[-1]
     assert "stabilityai/stable-diffusion-xl-base-1.0" in last and "tokenizer/" in last
-    assert "inpaint-server download --app hyper-sdxl" in last and "HF_HUB_OFFLINE" in last
+    assert "Hyper-SDXL-1step-Unet.safetensors" in last
+    assert "inpaint-server download --app hyper-sdxl" in last
+    assert ("HF_HUB_OFFLINE" if network == "HF_HUB_OFFLINE" else "the Hub cannot be reached") in last
 
 
 def test_download_uses_the_hf_cache_from_hf_home(workdir, tmp_path, tiny_cache):
