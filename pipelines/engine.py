@@ -70,6 +70,7 @@ class PreparedRequest:
     pixels: RequestTensors | None = None  # the inputs as staged uint8 tensors (None: nothing to paint)
     cut: str | None = None  # the prompt's part past CLIP's limit (unexpanded prompt), or None
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # for the result: what the user should know (a resized mask)
 
     @property
     def request_id(self) -> str:
@@ -277,6 +278,7 @@ class Engine:
         mask = imgs.to_mask(imgs.open_image(request.mask, "mask_url", max_pixels))
         fitted = imgs.fit(image, mask, request.image_size, self.work_pixels)
         nothing_to_paint = not imgs.binarize(fitted.mask).any()
+        warnings = [_mask_resized(mask.size, image.size)] if mask.size != image.size else []
         prepared = PreparedRequest(
             request=request,
             variant=variant,
@@ -286,6 +288,7 @@ class Engine:
             inputs=fitted,
             embedding=embedding,
             nothing_to_paint=nothing_to_paint,
+            warnings=warnings,
         )
         if not nothing_to_paint:
             prepared.sampler = self._sampler(variant, timesteps)
@@ -463,6 +466,7 @@ class Engine:
             seed=p.seed,
             prompt=p.request.prompt,
             timings=_round({**p.timings, "inference": 0.0}),
+            warnings=list(p.warnings),
         )
 
     def _run_group(
@@ -644,7 +648,11 @@ class Engine:
         timings: dict[str, float],
     ) -> InpaintResult:
         result = InpaintResult(
-            request_id=p.request_id, seed=p.seed, prompt=prompt, timings=_round({**p.timings, **timings})
+            request_id=p.request_id,
+            seed=p.seed,
+            prompt=prompt,
+            timings=_round({**p.timings, **timings}),
+            warnings=list(p.warnings),
         )
         if j in decoded.redecoded:
             result.warnings.append("The VAE decode overflowed in reduced precision; the image was decoded in fp32")
@@ -730,3 +738,11 @@ def _clip(text: str, limit: int = 200) -> str:
 
 def _round(timings: dict[str, Any]) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in timings.items()}
+
+
+def _mask_resized(mask: tuple[int, int], image: tuple[int, int]) -> str:
+    """The warning for a mask of another size than its image, which is stretched to it as fal does."""
+    return (
+        f"The mask is {mask[0]}x{mask[1]} but the image is {image[0]}x{image[1]}: "
+        f"the mask was resized to {image[0]}x{image[1]} (stretched, nearest neighbour)"
+    )

@@ -27,6 +27,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
     work = tmp_path_factory.mktemp("cli")
     noise_image(96, 64, seed=1).save(work / "photo.png")
     box_mask(96, 64).save(work / "mask.png")
+    box_mask(48, 32).save(work / "half-mask.png")
     shutil.copytree(tiny_cache, work / "data" / "tiny-models" / "hub", symlinks=True)
     return work
 
@@ -38,14 +39,16 @@ def run(args: list[str], workdir: Path, **env: str) -> subprocess.CompletedProce
     )
 
 
-def generate(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+def generate(workdir: Path, *extra: str, mask: str = "mask.png") -> subprocess.CompletedProcess:
     base = ["generate", "--models", "tiny", "--app", "fal-ai/fast-lightning-sdxl/inpainting"]
-    base += ["--image", "photo.png", "--mask", "mask.png", "--prompt", "a lighthouse"]
+    base += ["--image", "photo.png", "--mask", mask, "--prompt", "a lighthouse"]
     return run(base + list(extra), workdir)
 
 
 def test_generate_prints_fal_shaped_json_and_writes_images(workdir):
-    proc = generate(workdir, "--steps", "2", "--seed", "7", "--num-images", "2", "--format", "png", "--out", "out")
+    """A mask of half the image's size is stretched to it, as fal does, and stderr says so."""
+    argv = ["--steps", "2", "--seed", "7", "--num-images", "2", "--format", "png", "--out", "out"]
+    proc = generate(workdir, *argv, mask="half-mask.png")
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)  # stdout holds the JSON and nothing else
     assert set(payload) == {"images", "timings", "seed", "has_nsfw_concepts", "prompt"}
@@ -59,6 +62,8 @@ def test_generate_prints_fal_shaped_json_and_writes_images(workdir):
         with Image.open(path) as im:
             assert im.size == (item["width"], item["height"]) == (96, 64)  # the input's own size
     assert "step 2/2" in proc.stderr
+    warning = "inpaint-server: WARN The mask is 48x32 but the image is 96x64: the mask was resized to 96x64"
+    assert proc.stderr.count(warning) == 1, proc.stderr
 
 
 def test_generate_is_reproducible_and_honours_image_size(workdir):
