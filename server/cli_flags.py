@@ -169,9 +169,10 @@ class Items(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        items = list(getattr(namespace, self.dest, None) or [])
-        items += [part.strip() for part in str(values).split(",") if part.strip()]
-        setattr(namespace, self.dest, items)
+        given = [part.strip() for part in str(values).split(",") if part.strip()]
+        if not given:  # e.g. --api-key "$KEY" with KEY unset: never read as "no keys, no authentication"
+            parser.error(f"argument {option_string}: empty value (leave the option out for the default)")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *given])
 
 
 class Pairs(argparse.Action):

@@ -126,6 +126,8 @@ def test_unset_flags_override_nothing() -> None:
         (["--lease-s", "soon"], "argument --lease-s: expected a number"),
         (["--attention", "fastest"], "argument --attention: invalid choice"),
         (["--model-paths", "base"], "expected KEY=PATH"),
+        (["--api-key", ""], "argument --api-key: empty value"),  # an unset "$KEY" must not open the server
+        (["--apps", " , "], "argument --apps: empty value"),
     ],
 )
 def test_bad_flag_values_exit_2_with_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture) -> None:
