@@ -24,7 +24,7 @@ from .expansion import PromptExpander
 from .fault_injection import FaultHook, FaultPoint, hook_from_env
 from .gpu_faults import check_device, classify_gpu_error, first_line, free_memory, low_memory_vae
 from .graphs import UNetCall, UNetGraphs
-from .hub import EXPANSION_FILES, SAFETY_CHECKER_FILES, Resolver, resolve_repo
+from .hub import EXPANSION_FILES, SAFETY_CHECKER_FILES, Resolver, check_model_files, model_parts, resolve_repo
 from .inpaint import DenoiseBatch, FewStepInpaintPipeline
 from .loading import ModelStore
 from .optimize import (
@@ -70,6 +70,7 @@ class PreparedRequest:
     pixels: RequestTensors | None = None  # the inputs as staged uint8 tensors (None: nothing to paint)
     cut: str | None = None  # the prompt's part past CLIP's limit (unexpanded prompt), or None
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # for the result: what the user should know (a resized mask)
 
     @property
     def request_id(self) -> str:
@@ -146,8 +147,6 @@ class Engine:
             use_compile_cache(speed.cache_dir)  # before anything can compile
         if device.type == "cuda":
             log.info("attention backends, in order: %s", ", ".join(set_attention_order(speed.attention)))
-        resolver = resolver or Resolver()
-        store = ModelStore(device, dtype, resolver)
         chosen: dict[tuple[str, int], VariantSpec] = {}
         wanted = (
             list(variants)
@@ -159,6 +158,10 @@ class Engine:
             if steps not in app.variants:
                 raise InputError("num_inference_steps", f"{app.app_id} offers {list(app.steps)}, not {steps}")
             chosen[(app.app_id, steps)] = app.variants[steps]
+        # Missing files fail here, all named at once, before any weight is read (not after retries offline).
+        parts = model_parts(spec, chosen.values(), safety_checker, prompt_expansion)
+        resolver = check_model_files(parts, resolver or Resolver())
+        store = ModelStore(device, dtype, resolver)
         for variant in chosen.values():
             applied = optimize_pipeline(store.pipeline(variant, FewStepInpaintPipeline), speed)
             if applied:
@@ -275,6 +278,7 @@ class Engine:
         mask = imgs.to_mask(imgs.open_image(request.mask, "mask_url", max_pixels))
         fitted = imgs.fit(image, mask, request.image_size, self.work_pixels)
         nothing_to_paint = not imgs.binarize(fitted.mask).any()
+        warnings = [_mask_resized(mask.size, image.size)] if mask.size != image.size else []
         prepared = PreparedRequest(
             request=request,
             variant=variant,
@@ -284,6 +288,7 @@ class Engine:
             inputs=fitted,
             embedding=embedding,
             nothing_to_paint=nothing_to_paint,
+            warnings=warnings,
         )
         if not nothing_to_paint:
             prepared.sampler = self._sampler(variant, timesteps)
@@ -461,6 +466,7 @@ class Engine:
             seed=p.seed,
             prompt=p.request.prompt,
             timings=_round({**p.timings, "inference": 0.0}),
+            warnings=list(p.warnings),
         )
 
     def _run_group(
@@ -642,7 +648,11 @@ class Engine:
         timings: dict[str, float],
     ) -> InpaintResult:
         result = InpaintResult(
-            request_id=p.request_id, seed=p.seed, prompt=prompt, timings=_round({**p.timings, **timings})
+            request_id=p.request_id,
+            seed=p.seed,
+            prompt=prompt,
+            timings=_round({**p.timings, **timings}),
+            warnings=list(p.warnings),
         )
         if j in decoded.redecoded:
             result.warnings.append("The VAE decode overflowed in reduced precision; the image was decoded in fp32")
@@ -728,3 +738,11 @@ def _clip(text: str, limit: int = 200) -> str:
 
 def _round(timings: dict[str, Any]) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in timings.items()}
+
+
+def _mask_resized(mask: tuple[int, int], image: tuple[int, int]) -> str:
+    """The warning for a mask of another size than its image, which is stretched to it as fal does."""
+    return (
+        f"The mask is {mask[0]}x{mask[1]} but the image is {image[0]}x{image[1]}: "
+        f"the mask was resized to {image[0]}x{image[1]} (stretched, nearest neighbour)"
+    )

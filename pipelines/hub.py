@@ -8,16 +8,18 @@ ever named here; pickle-based formats are never fetched or read.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.utils import get_session
 
 from .errors import ModelFileError
-from .specs import AppSpec, CheckpointSpec, RepoSpec, ServingSpec
+from .specs import AppSpec, CheckpointSpec, RepoSpec, ServingSpec, VariantSpec
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,56 @@ def resolve_checkpoint(ckpt: CheckpointSpec, resolver: Resolver, key: str) -> Pa
     return path
 
 
+@dataclass(frozen=True)
+class ModelPart:
+    """One thing the engine reads: a folder of a repo (``needs`` its files) or one checkpoint file."""
+
+    spec: RepoSpec | CheckpointSpec
+    needs: tuple[FileNeed, ...]
+    key: str  # the --model-path key that replaces it
+
+    @property
+    def local(self) -> bool:
+        return self.spec.path is not None
+
+
+def model_parts(
+    spec: ServingSpec,
+    variants: Iterable[VariantSpec],
+    with_safety_checker: bool = True,
+    with_prompt_expansion: bool = True,
+) -> list[ModelPart]:
+    """Every folder and file the given variants (and the shared models asked for) read, once each."""
+    parts: list[ModelPart] = []
+    seen: set[tuple] = set()
+
+    def add(part: ModelPart, identity: tuple) -> None:
+        if identity not in seen:
+            seen.add(identity)
+            parts.append(part)
+
+    for variant in variants:
+        needs_unet = variant.checkpoint.kind == "lora"
+        base = variant.base
+        add(ModelPart(base, tuple(base_files(base, needs_unet)), "base"), (*base.key, needs_unet))
+        add(ModelPart(variant.vae, tuple(VAE_FILES), "vae"), variant.vae.key)
+        ckpt = variant.checkpoint
+        add(ModelPart(ckpt, (FileNeed(ckpt.file),), variant.override_key), ckpt.key)
+    if with_safety_checker:
+        checker = spec.engine.safety_checker
+        add(ModelPart(checker, tuple(SAFETY_CHECKER_FILES), "safety_checker"), checker.key)
+    if with_prompt_expansion:
+        model = spec.engine.prompt_expansion.model
+        add(ModelPart(model, tuple(EXPANSION_FILES), "prompt_expansion"), model.key)
+    return parts
+
+
+def _resolve(part: ModelPart, resolver: Resolver) -> Path:
+    if isinstance(part.spec, CheckpointSpec):
+        return resolve_checkpoint(part.spec, resolver, part.key)
+    return resolve_repo(part.spec, part.needs, resolver, part.key)
+
+
 def download_all(
     spec: ServingSpec,
     apps: Iterable[AppSpec] | None = None,
@@ -157,27 +209,118 @@ def download_all(
 ) -> list[Path]:
     """Fetch (or verify in the cache) every file the given apps need; returns the resolved paths.
 
-    ``huggingface_hub`` shows a progress bar per file on stderr.
+    ``huggingface_hub`` shows a progress bar per file on stderr. With files missing and the Hub out of
+    reach, fails at once naming them (see :func:`check_model_files`).
     """
-    resolver = resolver or Resolver()
     chosen = list(apps) if apps is not None else list(spec.apps.values())
-    done: list[Path] = []
-    seen: set[tuple] = set()
-    for app in chosen:
-        for variant in app.variants.values():
-            needs_unet = variant.checkpoint.kind == "lora"
-            base_key = (*variant.base.key, needs_unet)
-            if base_key not in seen:
-                seen.add(base_key)
-                done.append(resolve_repo(variant.base, base_files(variant.base, needs_unet), resolver, "base"))
-            if variant.vae.key not in seen:
-                seen.add(variant.vae.key)
-                done.append(resolve_repo(variant.vae, VAE_FILES, resolver, "vae"))
-            if variant.checkpoint.key not in seen:
-                seen.add(variant.checkpoint.key)
-                done.append(resolve_checkpoint(variant.checkpoint, resolver, variant.override_key))
-    if with_safety_checker:
-        done.append(resolve_repo(spec.engine.safety_checker, SAFETY_CHECKER_FILES, resolver, "safety_checker"))
-    if with_prompt_expansion:
-        done.append(resolve_repo(spec.engine.prompt_expansion.model, EXPANSION_FILES, resolver, "prompt_expansion"))
-    return done
+    variants = [variant for app in chosen for variant in app.variants.values()]
+    parts = model_parts(spec, variants, with_safety_checker, with_prompt_expansion)
+    resolver = check_model_files(parts, resolver or Resolver(), announce=False)  # progress bars say it
+    return [_resolve(part, resolver) for part in parts]
+
+
+# ---------------------------------------------------------------------------------------------- before loading
+
+HUB_PROBE_TIMEOUT_S = 5.0
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_LISTED_PER_REPO = 4
+
+
+@dataclass(frozen=True)
+class MissingFile:
+    repo: str
+    revision: str
+    file: str
+
+
+def cache_survey(parts: Iterable[ModelPart], resolver: Resolver) -> tuple[list[MissingFile], bool]:
+    """The required Hub files that are not in the cache, and whether anything else would ask the Hub (an
+    optional file neither cached nor known to be absent, or a revision that is not a commit)."""
+    missing: list[MissingFile] = []
+    asks_hub = False
+    for part in parts:
+        if part.local:
+            continue
+        spec = part.spec
+        for need in part.needs:
+            found = try_to_load_from_cache(spec.repo, need.path, cache_dir=resolver.cache_dir, revision=spec.revision)
+            cached, pinned = isinstance(found, str), bool(_COMMIT.fullmatch(spec.revision))
+            if not cached and not need.optional:
+                missing.append(MissingFile(spec.repo, spec.revision, need.path))
+            elif not pinned or found is None:  # an optional file recorded as absent in the repo asks nothing
+                asks_hub = True
+    return missing, asks_hub
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when the Hub (``HF_ENDPOINT``) answers HTTP at all, else why not: one try, no retries."""
+    url = hf_constants.ENDPOINT
+    try:
+        get_session().head(url, timeout=timeout, follow_redirects=False)
+    except Exception as exc:  # DNS, refused, TLS, timeout...: each means the same here
+        return f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    return None
+
+
+def check_model_files(parts: Iterable[ModelPart], resolver: Resolver, announce: bool = True) -> Resolver:
+    """Before loading anything: the resolver the load should use, or a :class:`ModelFileError` at once.
+
+    Everything cached: ``resolver`` unchanged (the load asks the Hub nothing). Files missing and no way to
+    fetch them (offline, or the Hub out of reach: one quick probe instead of ``huggingface_hub``'s half a
+    minute of retries per file): an error naming every missing file and the command that fetches them.
+    Files missing and the Hub reachable: a warning naming them (unless ``announce`` is false: a look ahead
+    of a load that says it again, or a download); the load downloads them. Only optional files unknown and
+    the Hub out of reach: a local-only resolver (they are skipped).
+    """
+    parts = list(parts)
+    missing, asks_hub = cache_survey(parts, resolver)
+    if not missing and not asks_hub:
+        return resolver
+    if resolver.offline:
+        if missing:
+            raise _missing_files_error(missing, parts, resolver, "offline: HF_HUB_OFFLINE or local-only mode")
+        return resolver
+    why = hub_unreachable()
+    if why is not None:
+        if missing:
+            raise _missing_files_error(missing, parts, resolver, f"the Hub cannot be reached: {why}")
+        log.info("the Hub cannot be reached (%s); using the cached model files only", why)
+        return replace(resolver, local_files_only=True)
+    if missing and announce:
+        log.warning(
+            "%d model files are not in the %s; downloading them now (`%s` fetches them ahead of a start): %s",
+            len(missing),
+            _cache_name(resolver),
+            resolver.fetch_hint,
+            _listing(missing),
+        )
+    return resolver
+
+
+def _cache_name(resolver: Resolver) -> str:
+    return f"cache {resolver.cache_dir}" if resolver.cache_dir else f"HF cache {hf_constants.HF_HUB_CACHE}"
+
+
+def _listing(missing: list[MissingFile]) -> str:
+    """``repo (revision abc): a, b, c, d and 3 more; repo2: ...``."""
+    by_repo: dict[tuple[str, str], list[str]] = {}
+    for item in missing:
+        by_repo.setdefault((item.repo, item.revision), []).append(item.file)
+    groups = []
+    for (repo, revision), files in by_repo.items():
+        shown = ", ".join(files[:_LISTED_PER_REPO])
+        more = len(files) - _LISTED_PER_REPO
+        groups.append(f"{repo} (revision {revision[:12]}): {shown}" + (f" and {more} more" if more > 0 else ""))
+    return "; ".join(groups)
+
+
+def _missing_files_error(
+    missing: list[MissingFile], parts: list[ModelPart], resolver: Resolver, reason: str
+) -> ModelFileError:
+    repos = {item.repo for item in missing}
+    keys = sorted({part.key for part in parts if part.spec.repo in repos})
+    return ModelFileError(
+        f"{len(missing)} model files are missing from the {_cache_name(resolver)} and cannot be fetched ({reason}): "
+        f"{_listing(missing)}. Fetch them with `{resolver.fetch_hint}`, or point `--model-path KEY=PATH` "
+        f"(keys: {', '.join(keys)}) at local copies."
+    )

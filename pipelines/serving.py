@@ -97,26 +97,53 @@ def resolver_for(models: str, data_dir: Path, config_dir: Path | None = None, fe
     return Resolver(fetch_hint=fetch_hint or "inpaint-server download")
 
 
+def download_command(apps: Sequence[str] = (), config_dir: Path | None = None) -> str:
+    """The command that fetches the model files of ``apps`` (``APP`` or ``APP:STEPS`` items; every app when
+    empty), for messages about missing files."""
+    names = dict.fromkeys(item.partition(":")[0] for item in apps)
+    words = ["inpaint-server download", *(f"--app {name}" for name in names)]
+    if config_dir is not None:
+        words.append(f"--config-dir {config_dir}")
+    return " ".join(words)
+
+
 def served_variants(spec: Any, apps: list[str]) -> list[tuple[str, int]] | None:
-    """``APP`` or ``APP:STEPS`` items as (app id, steps); None (every variant) when empty."""
+    """``APP`` or ``APP:STEPS`` items as (app id, steps); None (every variant) when empty. A
+    :class:`~pipelines.errors.ConfigError` names an unknown app or step count."""
     if not apps:
         return None
+    from .errors import ConfigError
+
     variants: list[tuple[str, int]] = []
     for item in apps:
         name, _, steps = item.partition(":")
         app = spec.app(name)
-        variants += [(app.app_id, int(steps))] if steps else [(app.app_id, n) for n in app.steps]
+        if not steps:
+            variants += [(app.app_id, n) for n in app.steps]
+        elif steps.isdigit() and int(steps) in app.variants:
+            variants.append((app.app_id, int(steps)))
+        else:
+            raise ConfigError(f"{item!r}: {app.app_id} offers {list(app.steps)} steps, not {steps!r}")
     return variants
 
 
 def build_engine(config: EngineSettings) -> Any:
     """Load the engine the settings describe (weights, speed levers, prompt cache): minutes on a cold GPU."""
-    from .engine import Engine
-    from .optimize import SpeedOptions
+    from .hub import check_model_files, model_parts
     from .specs import load_serving_spec
 
     spec = load_serving_spec(config.config_dir, config.model_paths)
-    resolver = resolver_for(config.models, config.data_dir, config.config_dir)
+    hint = download_command(config.apps, config.config_dir)
+    resolver = resolver_for(config.models, config.data_dir, config.config_dir, fetch_hint=hint)
+    variants = served_variants(spec, config.apps)
+    every = [v for app in spec.apps.values() for v in app.variants.values()]
+    chosen = [spec.app(a).variants[n] for a, n in variants] if variants else every
+    # Missing files fail before torch is imported; Engine.load looks again and says what it downloads.
+    resolver = check_model_files(model_parts(spec, chosen), resolver, announce=False)
+
+    from .engine import Engine
+    from .optimize import SpeedOptions
+
     device = pick_device(config.device)
     speed = SpeedOptions.for_device(
         device,
@@ -133,7 +160,7 @@ def build_engine(config: EngineSettings) -> Any:
         spec,
         device=device,
         resolver=resolver,
-        variants=served_variants(spec, config.apps),
+        variants=variants,
         speed=speed,
         prompt_cache_size=config.prompt_cache_size,
     )

@@ -19,10 +19,15 @@ LIVE = "/health/live"
 READY = "/health/ready"
 
 
+# /health/ready's status when the models could not be loaded: waiting longer cannot help.
+FAILED = "failed"
+
+
 @dataclass(frozen=True)
 class Answer:
     ok: bool
     message: str
+    final: bool = False  # not ok, and will not become ok without a fix and a restart
 
 
 def local_url(settings: Settings) -> str:
@@ -54,7 +59,7 @@ def check(base_url: str, path: str, timeout: float) -> Answer:
     if response.status_code == 200:
         return Answer(True, response.text.strip())
     detail = body.get("detail") or response.text.strip()[:200]
-    return Answer(False, f"{response.status_code} {status}: {detail}".strip())
+    return Answer(False, f"{response.status_code} {status}: {detail}".strip(), final=status == FAILED)
 
 
 def wait(
@@ -66,12 +71,13 @@ def wait(
     report: Callable[[str], None],
     interval: float = 1.0,
 ) -> Answer:
-    """Check until ok or ``wait_s`` has passed, reporting each new reason once (not every second)."""
+    """Check until ok or ``wait_s`` has passed, reporting each new reason once (not every second); stop at
+    once when the server says it cannot become ready (its models failed to load)."""
     deadline = time.monotonic() + wait_s
     last = None
     while True:
         answer = check(base_url, path, timeout)
-        if answer.ok or time.monotonic() >= deadline:
+        if answer.ok or answer.final or time.monotonic() >= deadline:
             return answer
         if answer.message != last:
             report(answer.message)

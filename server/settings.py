@@ -431,30 +431,9 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-# Settings that `inpaint-server serve` takes as options (the rest: environment or config file).
-CLI_FLAGS = {
-    "host": "--host",
-    "port": "--port",
-    "data_dir": "--data-dir",
-    "store": "--store",
-    "files": "--files",
-    "devices": "--devices",
-    "workers": "--workers",
-    "node_name": "--node-name",
-    "lease_s": "--lease-s",
-    "public_url": "--public-url",
-    "models": "--models",
-    "device": "--device",
-    "api_keys": "--api-key",
-    "tls_cert": "--tls-cert",
-    "tls_key": "--tls-key",
-    "config_dir": "--config-dir",
-    "model_paths": "--model-path",
-    "apps": "--app",
-    "max_batch_size": "--max-batch-size",
-    "compile": "--compile",
-    "log_level": "--log-level",
-}
+def cli_flag(name: str) -> str:
+    """The ``serve`` option of a setting (server.cli_flags makes one per field): ``lease_s`` -> ``--lease-s``."""
+    return "--" + name.replace("_", "-")
 
 
 class SettingsError(ValueError):
@@ -473,8 +452,8 @@ def load_settings(overrides: dict[str, Any] | None = None, config_file: Path | N
         lines = []
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"]) or "settings"
-            flag = CLI_FLAGS.get(name)
-            hint = f" ({flag + ', ' if flag else ''}{ENV_PREFIX}{name.upper()} or '{name}' in the config file)"
+            flag = f"{cli_flag(name)}, " if name in Settings.model_fields else ""
+            hint = f" ({flag}{ENV_PREFIX}{name.upper()} or '{name}' in the config file)"
             if not err["loc"]:
                 hint = ""
             lines.append(f"{name}: {err['msg']}{hint}")

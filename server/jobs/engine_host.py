@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pipelines.errors import ConfigError, ModelFileError
 from pipelines.serving import ServingEngine
 
 log = logging.getLogger("inpaint-server.engine")
@@ -87,7 +88,10 @@ class EngineHost:
         except Exception as exc:  # reported by /health/ready; the process stays up to say why
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("engine failed to load")
+            if isinstance(exc, ConfigError | ModelFileError):  # says what is missing and how to fetch it
+                log.error("engine failed to load: %s", self.error)
+            else:
+                log.exception("engine failed to load")
             loop.call_soon_threadsafe(self._ready.set)  # wake waiters: they check ``ready`` and fail jobs
             return
         self._warm_later(later)

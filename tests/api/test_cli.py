@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.helpers import box_mask, noise_image
+from tests.live import free_port
 
 CLI = [sys.executable, "-m", "server.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,6 +27,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
     work = tmp_path_factory.mktemp("cli")
     noise_image(96, 64, seed=1).save(work / "photo.png")
     box_mask(96, 64).save(work / "mask.png")
+    box_mask(48, 32).save(work / "half-mask.png")
     shutil.copytree(tiny_cache, work / "data" / "tiny-models" / "hub", symlinks=True)
     return work
 
@@ -35,14 +39,16 @@ def run(args: list[str], workdir: Path, **env: str) -> subprocess.CompletedProce
     )
 
 
-def generate(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+def generate(workdir: Path, *extra: str, mask: str = "mask.png") -> subprocess.CompletedProcess:
     base = ["generate", "--models", "tiny", "--app", "fal-ai/fast-lightning-sdxl/inpainting"]
-    base += ["--image", "photo.png", "--mask", "mask.png", "--prompt", "a lighthouse"]
+    base += ["--image", "photo.png", "--mask", mask, "--prompt", "a lighthouse"]
     return run(base + list(extra), workdir)
 
 
 def test_generate_prints_fal_shaped_json_and_writes_images(workdir):
-    proc = generate(workdir, "--steps", "2", "--seed", "7", "--num-images", "2", "--format", "png", "--out", "out")
+    """A mask of half the image's size is stretched to it, as fal does, and stderr says so."""
+    argv = ["--steps", "2", "--seed", "7", "--num-images", "2", "--format", "png", "--out", "out"]
+    proc = generate(workdir, *argv, mask="half-mask.png")
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)  # stdout holds the JSON and nothing else
     assert set(payload) == {"images", "timings", "seed", "has_nsfw_concepts", "prompt"}
@@ -56,6 +62,8 @@ def test_generate_prints_fal_shaped_json_and_writes_images(workdir):
         with Image.open(path) as im:
             assert im.size == (item["width"], item["height"]) == (96, 64)  # the input's own size
     assert "step 2/2" in proc.stderr
+    warning = "inpaint-server: WARN The mask is 48x32 but the image is 96x64: the mask was resized to 96x64"
+    assert proc.stderr.count(warning) == 1, proc.stderr
 
 
 def test_generate_is_reproducible_and_honours_image_size(workdir):
@@ -113,17 +121,27 @@ def test_unreadable_image_names_the_field(workdir):
     assert "inpaint-server: error: image_url:" in proc.stderr.splitlines()[-1]
 
 
-def test_missing_models_name_repo_file_and_command(workdir, tmp_path):
+@pytest.mark.parametrize("network", ["HF_HUB_OFFLINE", "off"])
+def test_missing_models_fail_at_once_naming_repo_files_and_command(workdir, tmp_path, network):
+    """An empty cache: with HF_HUB_OFFLINE, or with the network off and nothing said (the Hub refuses
+    connections), the error comes at once (no huggingface_hub retries) and names what to fetch, and how."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1" if network == "HF_HUB_OFFLINE" else "0"}
+    if network == "off":
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
     proc = run(
         ["generate", "--app", "hyper-sdxl", "--image", "photo.png", "--mask", "mask.png", "--prompt", "x"],
         workdir,
-        HF_HOME=str(tmp_path / "hf"),
-        HF_HUB_OFFLINE="1",
+        **env,
     )
+    elapsed = time.monotonic() - started
     assert proc.returncode == 1 and proc.stdout == ""
+    assert "Retry" not in proc.stderr and elapsed < 20, (elapsed, proc.stderr)  # it used to take ~28 s
     last = proc.stderr.strip().splitlines()[-1]
     assert "stabilityai/stable-diffusion-xl-base-1.0" in last and "tokenizer/" in last
-    assert "inpaint-server download --app hyper-sdxl" in last and "HF_HUB_OFFLINE" in last
+    assert "Hyper-SDXL-1step-Unet.safetensors" in last
+    assert "inpaint-server download --app hyper-sdxl" in last
+    assert ("HF_HUB_OFFLINE" if network == "HF_HUB_OFFLINE" else "the Hub cannot be reached") in last
 
 
 def test_download_uses_the_hf_cache_from_hf_home(workdir, tmp_path, tiny_cache):
@@ -156,3 +174,40 @@ def test_serve_compile_flag_reaches_the_settings(monkeypatch) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(["serve", "--compile", "maybe"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--models", "tiny", "--app", "nope", "--image", "{png}", "--mask", "{png}", "--prompt", "x"],
+        ["download", "--models", "tiny", "--app", "hyper-sdxl", "--app", "nope"],
+        ["serve", "--models", "tiny", "--app", "nope"],
+        ["serve", "--models", "tiny", "--apps", "hyper-sdxl:3"],
+        ["worker", "--models", "tiny", "--app", "fast-lightning-sdxl:x"],
+    ],
+)
+def test_an_unknown_app_exits_2_like_any_bad_argument(argv, tmp_path, monkeypatch, capsys) -> None:
+    """Found before anything loads or starts (no tiny models generated, no server)."""
+    from server import cli
+
+    noise_image(16, 16).save(tmp_path / "in.png")
+    monkeypatch.setenv("INPAINT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr("server.app.create_app", lambda settings: pytest.fail("serve started"))
+    monkeypatch.setattr("server.worker_app.run_worker", lambda settings: pytest.fail("worker started"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main([a.format(png=tmp_path / "in.png") for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("inpaint-server: error:") and ("nope" in err[-1] or "offers [" in err[-1]), err
+    assert not (tmp_path / "data" / "tiny-models").exists()
+
+
+def test_serve_that_cannot_listen_exits_3(tmp_path) -> None:
+    """An API node (no models to load) on a port another socket holds."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run(["serve", "--workers", "0", "--port", str(port), "--data-dir", str(tmp_path)], tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "address already in use" in proc.stderr.lower()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from huggingface_hub import constants as hf_constants
 
+from server import cli
 from server.app import create_app
 from server.settings import load_settings
 from tests.api.fal_wire import (
@@ -28,7 +32,7 @@ from tests.api.fal_wire import (
     submit,
     wait_for,
 )
-from tests.live import LiveServer
+from tests.live import LiveServer, free_port
 
 
 def _serve_without_waiting(app: Any) -> tuple[LiveServer, threading.Thread]:
@@ -100,6 +104,33 @@ def test_ready_stays_503_with_the_reason_when_loading_fails(tmp_path: Path) -> N
             assert refused.json()["error_type"] == "engine_unavailable"
             assert "unet.safetensors is missing" in refused.json()["detail"]
             assert client.post(f"/{HYPER}", json=inpaint_input()).status_code == 500
+    finally:
+        live.server.should_exit = True
+        thread.join(30)
+
+
+def test_serve_without_weights_says_once_what_to_fetch_and_health_stops_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    """The real loader on an empty HF cache with the Hub out of reach: readiness fails within moments, one log
+    line names the missing files and the download command, and ``health --ready --wait`` exits 1 at once."""
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # refuses at once
+    settings = {"data_dir": tmp_path / "data", "warmup": False, "apps": ["fast-lightning-sdxl:4"]}
+    live, thread = _serve_without_waiting(create_app(load_settings(settings)))
+    try:
+        with caplog.at_level(logging.INFO, logger="inpaint-server.engine"), client_for(live) as client:
+            poll_until(lambda: client.get("/health/ready").json()["status"] == "failed", what="the load to fail")
+            detail = client.get("/health/ready").json()["detail"]
+            assert "stabilityai/stable-diffusion-xl-base-1.0" in detail and "the Hub cannot be reached" in detail
+            assert "`inpaint-server download --app fast-lightning-sdxl`" in detail
+            assert cli.main(["health", "--ready", "--wait", "600", "--url", live.url]) == 1
+        logged = [r for r in caplog.records if "model files are missing" in r.getMessage()]
+        assert len(logged) == 1 and logged[0].levelno == logging.ERROR and logged[0].exc_info is None
+        assert "sdxl_lightning_4step_unet.safetensors" in logged[0].getMessage()
+        assert "`inpaint-server download --app fast-lightning-sdxl`" in logged[0].getMessage()
+        assert "cannot become ready: 503 failed: ModelFileError:" in capsys.readouterr().err
     finally:
         live.server.should_exit = True
         thread.join(30)
@@ -404,11 +435,15 @@ def test_warm_up_and_every_batch_run_on_one_gpu_thread(make_server, engine) -> N
     assert len(set(threads)) == 1 and threads[0].startswith("gpu"), threads
 
 
-def test_routes_are_built_before_the_first_request(make_server) -> None:
+def test_routes_are_built_before_the_first_request(make_server, caplog: pytest.LogCaptureFixture) -> None:
     """R18, the host side: FastAPI builds an included router's routes on the first request that walks
     them (~80 ms, measured with yappi on the first submit). The server walks them at start, so a
-    started server has every included router built before any client request."""
-    server = make_server()
+    started server has every included router built before any client request; silently (an HTTP
+    client's log line about it read like an outbound request)."""
+    with caplog.at_level(logging.DEBUG):
+        server = make_server()
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "prime" in m], said
     included = [r for r in server.app.router.routes if hasattr(r, "effective_candidates")]
     assert included, "no included routers found: FastAPI changed; re-check the first-request cost"
     assert all(getattr(r, "_effective_candidates_version", None) is not None for r in included)

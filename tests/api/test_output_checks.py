@@ -16,8 +16,9 @@ import httpx
 import pytest
 import torch
 
-from tests.api.fal_wire import LIGHTNING
+from tests.api.fal_wire import LIGHTNING, data_uri
 from tests.api.queue_ops import inpaint_input, requests_url, result, submit, wait_all_completed
+from tests.helpers import box_mask, png
 
 
 @pytest.fixture
@@ -107,3 +108,15 @@ def test_an_overlong_prompt_is_served_and_its_truncation_is_in_the_logs(make_ser
         assert "longer than CLIP's 77 tokens" in warning and "lighthouse2" in warning
         assert _log_lines(bodies[short_id], "WARN") == []
         assert result(client, long_id)["prompt"] == long_prompt  # echoed in full, as fal does
+
+
+def test_a_mask_of_another_size_is_stretched_and_the_logs_say_so(make_server) -> None:
+    """As fal does, a mask of another size than the image is resized to it; a WARN line says so."""
+    server = make_server()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        request_id = submit(client, mask_url=data_uri(png(box_mask(32, 32))), seed=1)
+        body = wait_all_completed(client, [request_id])[request_id]
+        assert "error" not in body, body
+        (warning,) = _log_lines(body, "WARN")
+        assert warning.startswith("The mask is 32x32 but the image is 64x48: the mask was resized to 64x48"), warning
+        assert len(result(client, request_id)["images"]) == 1

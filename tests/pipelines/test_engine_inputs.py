@@ -67,6 +67,12 @@ def test_outside_mask_pixels_are_identical_for_every_mask_format(engine, kind):
     inside = imgs.binarize(mask)
     assert inside.any()
     assert not np.array_equal(np.asarray(result.images[0])[inside], np.asarray(image)[inside])
+    if kind == "smaller":  # stretched to the image, as fal does, and said
+        assert result.warnings == [
+            "The mask is 32x24 but the image is 64x48: the mask was resized to 64x48 (stretched, nearest neighbour)"
+        ]
+    else:
+        assert result.warnings == []
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

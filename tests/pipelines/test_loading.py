@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import pytest
 from huggingface_hub import constants as hf_constants
 
+from pipelines import hub
 from pipelines.engine import Engine
 from pipelines.errors import ModelFileError
-from pipelines.hub import Resolver, download_all
+from pipelines.hub import Resolver, check_model_files, download_all, model_parts
 from pipelines.specs import apply_overrides
 from pipelines.types import InpaintRequest
 from tests.helpers import box_mask, noise_image, png
+from tests.live import free_port
 
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
@@ -135,3 +139,55 @@ def test_resolver_follows_hf_hub_offline(monkeypatch, flag):
     assert Resolver().offline is flag
     assert Resolver(local_files_only=True).offline is True
     assert Resolver(local_files_only=False).offline is False
+
+
+# Before loading: what is missing from the cache, said at once (check_model_files).
+
+
+def _lightning_parts(spec, with_expansion: bool = False) -> list:
+    variant = spec.app("fast-lightning-sdxl").variants[2]
+    return model_parts(spec, [variant], with_safety_checker=True, with_prompt_expansion=with_expansion)
+
+
+def _no_probe() -> str | None:
+    raise AssertionError("the Hub was asked")
+
+
+def test_a_full_cache_asks_the_hub_nothing(spec, tiny_cache, monkeypatch):
+    monkeypatch.setattr(hub, "hub_unreachable", _no_probe)
+    resolver = Resolver(cache_dir=tiny_cache, local_files_only=False)
+    assert check_model_files(_lightning_parts(spec), resolver) is resolver
+
+
+def test_missing_files_and_an_unreachable_hub_fail_at_once_naming_them(spec, tmp_path, monkeypatch):
+    port = free_port()  # nothing listens: refused at once, no retries
+    monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    resolver = Resolver(cache_dir=tmp_path, local_files_only=False, fetch_hint="inpaint-server download --app x")
+    started = time.monotonic()
+    with pytest.raises(ModelFileError) as info:
+        check_model_files(_lightning_parts(spec), resolver)
+    assert time.monotonic() - started < 5
+    message = str(info.value)
+    assert f"the Hub cannot be reached: http://127.0.0.1:{port}: ConnectError" in message
+    assert f"{BASE_REPO} (revision " in message and "tokenizer/vocab.json" in message and "more" in message
+    assert "sdxl_lightning_2step_unet.safetensors" in message and VAE_REPO in message
+    assert "`inpaint-server download --app x`" in message and "fast-lightning-sdxl:2" in message
+
+
+def test_missing_files_and_a_reachable_hub_are_named_once_then_fetched(spec, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)
+    resolver = Resolver(cache_dir=tmp_path, local_files_only=False, fetch_hint="inpaint-server download")
+    with caplog.at_level(logging.WARNING, logger="pipelines.hub"):
+        assert check_model_files(_lightning_parts(spec), resolver) is resolver  # the load downloads them
+        assert check_model_files(_lightning_parts(spec), resolver, announce=False) is resolver
+    (record,) = caplog.records
+    assert "are not in the cache" in record.message and "downloading them now" in record.message
+    assert BASE_REPO in record.message and "`inpaint-server download`" in record.message
+
+
+def test_optional_files_unknown_and_the_hub_unreachable_load_from_the_cache(spec, tiny_cache, monkeypatch):
+    """The prompt expander's tokenizer.json is optional and not in the tiny cache: without a Hub, skip it."""
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: "http://127.0.0.1:1: ConnectError")
+    resolver = Resolver(cache_dir=tiny_cache, local_files_only=False)
+    checked = check_model_files(_lightning_parts(spec, with_expansion=True), resolver)
+    assert checked.offline and checked.cache_dir == tiny_cache

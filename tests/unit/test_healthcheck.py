@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,9 @@ def fake_server():
         state["asked"] += 1
         if state["ready"]:
             return JSONResponse({"status": "ready"})
+        if state.get("failed"):
+            detail = "ModelFileError: 3 model files are missing ... Fetch them with `inpaint-server download`"
+            return JSONResponse({"status": "failed", "detail": detail}, status_code=503)
         return JSONResponse({"status": "loading", "detail": "models are loading"}, status_code=503)
 
     with LiveServer(app) as server:
@@ -82,6 +86,18 @@ def test_wait_reports_each_reason_once_then_succeeds(fake_server) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("not ready yet: 503 loading: models are loading") == 1, proc.stderr
     assert state["asked"] >= 3  # it kept asking, once a second, but said so once
+
+
+def test_wait_stops_at_once_when_the_models_failed_to_load(fake_server) -> None:
+    """Waiting cannot help a server whose models are missing: exit 1 with its reason, not after --wait."""
+    server, state = fake_server
+    state.update(ready=False, failed=True, asked=0)
+    started = time.monotonic()
+    proc = health("--url", server.url, "--ready", "--wait", "600")
+    assert proc.returncode == 1 and time.monotonic() - started < 60
+    assert state["asked"] == 1
+    assert "/health/ready: cannot become ready: 503 failed: ModelFileError: 3 model files" in proc.stderr
+    assert "`inpaint-server download`" in proc.stderr
 
 
 def test_no_server_is_a_clear_failure() -> None:
