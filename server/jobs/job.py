@@ -94,6 +94,7 @@ class Job:
     lease_until: float | None = None
     waiter: str | None = None
     version: int = 0  # the row's write count: a watcher sees a change by it alone
+    no_retry: bool = False  # x-fal-no-retry: never run again after a crash or a lost lease
 
     @property
     def sync_mode(self) -> bool:

@@ -73,7 +73,7 @@ class WorkSource(Protocol):
         """Fail a job that is still queued (its inputs could not be prepared, its start deadline passed)."""
         ...
 
-    def others_can_run(self) -> bool:
+    def otherscan_run(self) -> bool:
         """Whether another worker is alive and not broken (a worker whose models failed leaves the queue to it)."""
         ...
 
@@ -139,9 +139,9 @@ class Leases:
         webhook = outcomes.fail(job, error_type, message, field, self.clock(), self.retention_s)
         return self._written(job, self.store.save(job, webhook, queued=True))
 
-    def others_can_run(self) -> bool:
+    def otherscan_run(self) -> bool:
         now = self.clock()
-        return any(_can_run(n, now, self.lease_s) for n in self.store.nodes() if n.id != self.holder)
+        return any(can_run(n, now, self.lease_s) for n in self.store.nodes() if n.id != self.holder)
 
     def _written(self, job: Job, saved: bool) -> bool:
         if saved:
@@ -154,6 +154,7 @@ class Leases:
         return saved
 
 
-def _can_run(node: NodeRow, now: float, lease_s: float) -> bool:
+def can_run(node: NodeRow, now: float, lease_s: float) -> bool:
+    """Whether a node is a GPU worker that is alive (a heartbeat within ``lease_s``) and not broken."""
     fresh = node.heartbeat_at >= now - lease_s
     return node.is_worker and fresh and node.state not in ("failed", "gpu_fault", "stopped")

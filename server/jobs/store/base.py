@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     lease_until {real},
     waiter TEXT,
-    version BIGINT NOT NULL DEFAULT 0
+    version BIGINT NOT NULL DEFAULT 0,
+    no_retry INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (state, priority, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
@@ -143,6 +144,7 @@ _ADDED_COLUMNS = {
         "lease_until": "{real}",
         "waiter": "TEXT",
         "version": "BIGINT NOT NULL DEFAULT 0",
+        "no_retry": "INTEGER NOT NULL DEFAULT 0",
     },
     "webhooks": {"claimed_by": "TEXT", "claimed_until": "{real}"},
 }
@@ -183,6 +185,7 @@ _COLUMNS = [
     "lease_until",
     "waiter",
     "version",
+    "no_retry",
 ]
 _SELECT = ", ".join(_COLUMNS)
 # Every column but the input (data URIs: megabytes), which only a worker preparing the job reads.
@@ -477,6 +480,12 @@ class JobStore(ABC):
     def queued_count(self) -> int:
         with self._read() as db:
             return int(db.q("SELECT COUNT(*) FROM jobs WHERE state = ?", (_QUEUED,)).fetchone()[0])
+
+    def queued_totals(self) -> tuple[int, int]:
+        """(requests, image rows) waiting in the queue: what the queue's bound counts."""
+        with self._read() as db:
+            row = db.q("SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM jobs WHERE state = ?", (_QUEUED,)).fetchone()
+        return int(row[0]), int(row[1])
 
     def position(self, job_id: str) -> int | None:
         """How many queued jobs are ahead of a queued job (None if it is not queued): right on any node.
@@ -858,6 +867,7 @@ def _row(job: Job) -> dict[str, Any]:
     values["state"] = job.state.value
     values["sync"] = int(job.sync)
     values["cancel_requested"] = int(job.cancel_requested)
+    values["no_retry"] = int(job.no_retry)
     for name in _JSON_FIELDS:
         value = values[name]
         values[name] = None if value is None else json.dumps(value)
@@ -874,6 +884,7 @@ def _job(row: tuple) -> Job:
     values["state"] = JobState(values["state"])
     values["sync"] = bool(values["sync"])
     values["cancel_requested"] = bool(values["cancel_requested"])
+    values["no_retry"] = bool(values["no_retry"])
     return Job(**values)
 
 

@@ -1,0 +1,140 @@
+"""How much the queue takes: the work the live GPU workers can finish within ``queue_max_wait_s``.
+
+fal's clients retry a 429 for a few seconds without reading ``Retry-After`` (JS gives up after about 7 s), so
+a 429 is only worth sending when a retry soon can succeed, and a full queue should be rare. The bound
+therefore counts work, not requests: the image rows waiting against the rows per second the live workers have
+shown (busy seconds and rows from their node rows in the store), times ``queue_max_wait_s``. At the bound,
+room for the next request comes as soon as the GPUs finish a few rows, and ``Retry-After`` says when.
+``max_queue_size`` stays as a hard cap on the number of requests, whatever the throughput.
+
+Submits stay cheap: the queue's totals are read from the store at most every :data:`TOTALS_REFRESH_S` (this
+node's own submits are added meanwhile) and the workers' throughput every :data:`RATE_REFRESH_S`; a refusal
+is always decided on totals read just then.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ..http.errors import TooManyRequests
+from ..settings import Settings
+from .leases import can_run
+from .store import JobStore, NodeRow
+
+MIN_MEASURED_ROWS = 8  # image rows a worker must have run before its own throughput replaces the assumed one
+TOTALS_REFRESH_S = 1.0
+RATE_REFRESH_S = 5.0
+MAX_RETRY_AFTER_S = 60
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What the live GPU workers finish together: image rows per second."""
+
+    rows_per_s: float
+    workers: int  # live workers counted (0: none alive, one assumed)
+    measured: int  # how many of them had run enough to be measured
+
+    def describe(self) -> str:
+        if self.workers == 0:
+            return f"{self.rows_per_s:.2f} image rows/s assumed (no GPU worker is alive now)"
+        how = "measured" if self.measured == self.workers else "assumed" if not self.measured else "measured/assumed"
+        return f"{self.rows_per_s:.2f} image rows/s ({how}) on {self.workers} GPU worker(s)"
+
+
+def throughput(nodes: Iterable[NodeRow], now: float, lease_s: float, assumed_rows_per_s: float) -> Throughput:
+    """The live workers' summed throughput: each worker's rows over its busy seconds once it has run
+    :data:`MIN_MEASURED_ROWS` rows, ``assumed_rows_per_s`` before that; one assumed worker when none is alive (a
+    deploy, workers restarting: the queue keeps taking requests for them)."""
+    rate, workers, measured = 0.0, 0, 0
+    for node in nodes:
+        if not can_run(node, now, lease_s) or node.state == "draining":
+            continue
+        workers += 1
+        rows = float(node.stats.get("rows", 0) or 0)
+        busy_s = float(node.stats.get("busy_s", 0.0) or 0.0)
+        if rows >= MIN_MEASURED_ROWS and busy_s > 0:
+            rate += rows / busy_s
+            measured += 1
+        else:
+            rate += assumed_rows_per_s
+    if workers == 0:
+        return Throughput(assumed_rows_per_s, 0, 0)
+    return Throughput(rate, workers, measured)
+
+
+class QueueBound:
+    """Admission to the queue (see the module): :meth:`admit` before a job is written, :meth:`added` after."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        settings: Settings,
+        nodes: Callable[[], list[NodeRow]],
+        clock: Callable[[], float],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.nodes = nodes
+        self.clock = clock  # the store's time (heartbeats)
+        self.monotonic = monotonic  # when to read again
+        self.requests = self.rows = 0  # queued, as last read plus this node's submits since
+        self.rate = Throughput(settings.queue_assumed_rows_per_s, 0, 0)
+        self._totals_at = self._rate_at = -math.inf
+
+    def admit(self, rows: int) -> None:
+        """Raise :class:`TooManyRequests` (``queue_full``) unless the queue has room for a request of ``rows``
+        image rows."""
+        now = self.monotonic()
+        fresh = now - self._totals_at >= TOTALS_REFRESH_S
+        if fresh:
+            self._read_totals(now)
+        if now - self._rate_at >= RATE_REFRESH_S:
+            self._read_rate(now)
+        refusal = self.refusal(rows)
+        if refusal is not None and not fresh:  # decided on totals up to a second old: look again first
+            self._read_totals(now)
+            refusal = self.refusal(rows)
+        if refusal is not None:
+            raise refusal
+
+    def added(self, rows: int) -> None:
+        """A request of ``rows`` image rows was queued by this node."""
+        self.requests += 1
+        self.rows += rows
+
+    def refusal(self, rows: int) -> TooManyRequests | None:
+        """Why a request of ``rows`` image rows does not fit the queue as last read, or None when it does."""
+        s, rate = self.settings, self.rate.rows_per_s
+        if self.requests >= s.max_queue_size:
+            rows_each = self.rows / max(self.requests, 1)
+            wait = (self.requests - s.max_queue_size + 1) * rows_each / rate
+            return _full(f"{self.requests} requests are waiting, the most this server queues (max_queue_size)", wait)
+        bound = rate * s.queue_max_wait_s
+        if self.rows == 0 or self.rows + rows <= bound:  # an empty queue takes any request: it can never fit later
+            return None
+        wait = (self.rows + rows - bound) / rate
+        return _full(
+            f"the {self.rows} image rows waiting take about {self.rows / rate:.0f} s at {self.rate.describe()}, and "
+            f"this server queues at most {s.queue_max_wait_s:g} s of work (queue_max_wait_s); this request adds "
+            f"{rows}",
+            wait,
+        )
+
+    def _read_totals(self, now: float) -> None:
+        self.requests, self.rows = self.store.queued_totals()
+        self._totals_at = now
+
+    def _read_rate(self, now: float) -> None:
+        s = self.settings
+        self.rate = throughput(self.nodes(), self.clock(), s.lease_s, s.queue_assumed_rows_per_s)
+        self._rate_at = now
+
+
+def _full(why: str, wait_s: float) -> TooManyRequests:
+    retry_after = min(MAX_RETRY_AFTER_S, max(1, math.ceil(wait_s)))
+    return TooManyRequests(f"the queue is full: {why}; retry in about {retry_after} s", retry_after, "queue_full")
