@@ -73,7 +73,7 @@ class WorkSource(Protocol):
         """Fail a job that is still queued (its inputs could not be prepared, its start deadline passed)."""
         ...
 
-    def otherscan_run(self) -> bool:
+    def others_can_run(self) -> bool:
         """Whether another worker is alive and not broken (a worker whose models failed leaves the queue to it)."""
         ...
 
@@ -139,7 +139,7 @@ class Leases:
         webhook = outcomes.fail(job, error_type, message, field, self.clock(), self.retention_s)
         return self._written(job, self.store.save(job, webhook, queued=True))
 
-    def otherscan_run(self) -> bool:
+    def others_can_run(self) -> bool:
         now = self.clock()
         return any(can_run(n, now, self.lease_s) for n in self.store.nodes() if n.id != self.holder)
 
