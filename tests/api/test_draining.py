@@ -23,7 +23,6 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.http.draining import DrainingServer
 from server.jobs.job import Job, JobState
 from server.jobs.store.sqlite import SqliteStore
 from server.settings import load_settings
@@ -38,7 +37,7 @@ from tests.api.queue_ops import (
     wait_all_completed,
     wait_status,
 )
-from tests.live import GatedEngine, LiveServer, ServerProcess
+from tests.live import DrainingLiveServer, GatedEngine, ServerProcess
 
 ABANDONED = "The server shut down before this request finished"
 
@@ -145,22 +144,6 @@ def test_a_job_longer_than_the_grace_period_runs_again_after_the_restart(
 
 
 # ---------------------------------------------------------------------- in process, over a held engine
-
-
-class DrainingLiveServer(LiveServer):
-    """LiveServer with the CLI's DrainingServer; ``sigterm()`` does what the signal handler does."""
-
-    def __init__(self, app: Any) -> None:
-        super().__init__(app)
-        self.server = DrainingServer(self.server.config, drain=app.state.drain)
-        self._thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def sigterm(self) -> None:
-        self.server.handle_exit(signal.SIGTERM, None)
-
-    def exited(self, timeout: float) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
 
 @pytest.fixture
