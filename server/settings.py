@@ -233,7 +233,7 @@ class Settings(BaseSettings):
         1.0,
         gt=0,
         description="Throughput (image rows per second) assumed for a GPU worker until it has run enough to be "
-        "measured, and for one worker when none is alive; low on purpose.",
+        "measured (and for one worker while none is alive and none was measured); low on purpose.",
     )
     max_queue_size: int = Field(
         100_000,

@@ -40,18 +40,18 @@ class Throughput:
 
     def describe(self) -> str:
         if self.workers == 0:
-            return f"{self.rows_per_s:.2f} image rows/s assumed (no GPU worker is alive now)"
+            return f"{self.rows_per_s:.2f} image rows/s (assumed: no GPU worker is alive)"
         how = "measured" if self.measured == self.workers else "assumed" if not self.measured else "measured/assumed"
         return f"{self.rows_per_s:.2f} image rows/s ({how}) on {self.workers} GPU worker(s)"
 
 
 def throughput(nodes: Iterable[NodeRow], now: float, lease_s: float, assumed_rows_per_s: float) -> Throughput:
     """The live workers' summed throughput: each worker's rows over its busy seconds once it has run
-    :data:`MIN_MEASURED_ROWS` rows, ``assumed_rows_per_s`` before that; one assumed worker when none is alive (a
-    deploy, workers restarting: the queue keeps taking requests for them)."""
+    :data:`MIN_MEASURED_ROWS` rows, ``assumed_rows_per_s`` before that; one assumed worker when none is alive.
+    A draining worker counts: the queue it leaves runs on it after its restart (or on the others)."""
     rate, workers, measured = 0.0, 0, 0
     for node in nodes:
-        if not can_run(node, now, lease_s) or node.state == "draining":
+        if not can_run(node, now, lease_s):
             continue
         workers += 1
         rows = float(node.stats.get("rows", 0) or 0)
@@ -131,7 +131,9 @@ class QueueBound:
 
     def _read_rate(self, now: float) -> None:
         s = self.settings
-        self.rate = throughput(self.nodes(), self.clock(), s.lease_s, s.queue_assumed_rows_per_s)
+        rate = throughput(self.nodes(), self.clock(), s.lease_s, s.queue_assumed_rows_per_s)
+        if rate.workers or not self.rate.measured:  # none alive after some were measured: they are restarting
+            self.rate = rate
         self._rate_at = now
 
 

@@ -45,11 +45,12 @@ def test_throughput_is_each_live_worker_measured_or_assumed() -> None:
         node("gone", rows=400, busy_s=1.0, heartbeat_at=NOW - LEASE_S - 1),
         node("broken", rows=400, busy_s=1.0, state="gpu_fault"),
         node("failed", rows=400, busy_s=1.0, state="failed"),
-        node("leaving", rows=400, busy_s=1.0, state="draining"),
     ]
     assert throughput([fast, *not_counted], NOW, LEASE_S, assumed).rows_per_s == 10.0
     loading = node("loading", state="loading")  # models loading: it will take work, at the assumed rate
     assert throughput([fast, loading], NOW, LEASE_S, assumed).rows_per_s == 10.5
+    leaving = node("leaving", rows=400, busy_s=40.0, state="draining")  # a deploy: it runs the queue once back
+    assert throughput([fast, leaving], NOW, LEASE_S, assumed).rows_per_s == 20.0
 
 
 class Clocks:
@@ -125,6 +126,20 @@ def test_the_bound_is_the_work_the_workers_finish_in_queue_max_wait_s(store: Sql
         bound.admit(41)
     assert "6.00 image rows/s (measured) on 1 GPU worker(s)" in measured.value.detail
     assert len(reads) == 5  # each refusal read the store again first (submits in the same second did not)
+
+
+def test_workers_restarting_keep_their_measured_throughput(store: SqliteStore, tmp_path: Path) -> None:
+    """Every worker gone for a moment (restarting behind an API node): the queue is still bounded by what they
+    did, not by the low assumed rate."""
+    workers = [node("gpu0", rows=1000, busy_s=100.0)]  # 10 rows/s: 100 rows in 10 s
+    bound, clocks, _ = bound_for(store, tmp_path, workers, queue_max_wait_s=10, queue_assumed_rows_per_s=1)
+    submit(store, bound, 8)
+    workers.clear()
+    clocks.mono += RATE_REFRESH_S
+    submit(store, bound, 80)
+    with pytest.raises(TooManyRequests) as refused:
+        bound.admit(13)
+    assert "10.00 image rows/s (measured)" in refused.value.detail
 
 
 def test_an_empty_queue_takes_any_request(store: SqliteStore, tmp_path: Path) -> None:
