@@ -232,8 +232,8 @@ class Settings(BaseSettings):
     queue_assumed_rows_per_s: float = Field(
         1.0,
         gt=0,
-        description="Throughput (image rows per second) assumed for a GPU worker until it has run enough to be "
-        "measured (and for one worker while none is alive and none was measured); low on purpose.",
+        description="Throughput (image rows per second) assumed for a GPU worker before any worker has been "
+        "measured (after that, an unmeasured worker counts as one worker was last measured); low on purpose.",
     )
     max_queue_size: int = Field(
         100_000,

@@ -7,6 +7,10 @@ shown (busy seconds and rows from their node rows in the store), times ``queue_m
 room for the next request comes as soon as the GPUs finish a few rows, and ``Retry-After`` says when.
 ``max_queue_size`` stays as a hard cap on the number of requests, whatever the throughput.
 
+A worker that has not run enough to be measured (a restart: its models are still loading) is taken to do what
+one worker did when last measured, which is kept in the store, so a restart does not shrink the bound to the
+low ``queue_assumed_rows_per_s`` used before any measurement.
+
 Submits stay cheap: the queue's totals are read from the store at most every :data:`TOTALS_REFRESH_S` (this
 node's own submits are added meanwhile) and the workers' throughput every :data:`RATE_REFRESH_S`; a refusal
 is always decided on totals read just then.
@@ -28,6 +32,7 @@ MIN_MEASURED_ROWS = 8  # image rows a worker must have run before its own throug
 TOTALS_REFRESH_S = 1.0
 RATE_REFRESH_S = 5.0
 MAX_RETRY_AFTER_S = 60
+PER_WORKER_COUNTER = "worker_milli_rows_per_s"  # one worker's measured throughput, in the store's counters
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class Throughput:
     rows_per_s: float
     workers: int  # live workers counted (0: none alive, one assumed)
     measured: int  # how many of them had run enough to be measured
+    measured_rows_per_s: float = 0.0  # the part of rows_per_s those measured workers did
 
     def describe(self) -> str:
         if self.workers == 0:
@@ -49,7 +55,7 @@ def throughput(nodes: Iterable[NodeRow], now: float, lease_s: float, assumed_row
     """The live workers' summed throughput: each worker's rows over its busy seconds once it has run
     :data:`MIN_MEASURED_ROWS` rows, ``assumed_rows_per_s`` before that; one assumed worker when none is alive.
     A draining worker counts: the queue it leaves runs on it after its restart (or on the others)."""
-    rate, workers, measured = 0.0, 0, 0
+    workers, measured, measured_rate = 0, 0, 0.0
     for node in nodes:
         if not can_run(node, now, lease_s):
             continue
@@ -57,13 +63,10 @@ def throughput(nodes: Iterable[NodeRow], now: float, lease_s: float, assumed_row
         rows = float(node.stats.get("rows", 0) or 0)
         busy_s = float(node.stats.get("busy_s", 0.0) or 0.0)
         if rows >= MIN_MEASURED_ROWS and busy_s > 0:
-            rate += rows / busy_s
+            measured_rate += rows / busy_s
             measured += 1
-        else:
-            rate += assumed_rows_per_s
-    if workers == 0:
-        return Throughput(assumed_rows_per_s, 0, 0)
-    return Throughput(rate, workers, measured)
+    assumed = (max(workers, 1) - measured) * assumed_rows_per_s
+    return Throughput(measured_rate + assumed, workers, measured, measured_rate)
 
 
 class QueueBound:
@@ -84,6 +87,7 @@ class QueueBound:
         self.monotonic = monotonic  # when to read again
         self.requests = self.rows = 0  # queued, as last read plus this node's submits since
         self.rate = Throughput(settings.queue_assumed_rows_per_s, 0, 0)
+        self.per_worker: float | None = None  # rows/s of one worker as last measured, by any node, in any run
         self._totals_at = self._rate_at = -math.inf
 
     def admit(self, rows: int) -> None:
@@ -130,10 +134,18 @@ class QueueBound:
         self._totals_at = now
 
     def _read_rate(self, now: float) -> None:
-        s = self.settings
-        rate = throughput(self.nodes(), self.clock(), s.lease_s, s.queue_assumed_rows_per_s)
-        if rate.workers or not self.rate.measured:  # none alive after some were measured: they are restarting
-            self.rate = rate
+        """The workers' throughput; a worker not measured yet (models loading after a restart, say) is taken to
+        do what one worker was last measured to do, kept in the store across restarts, else the assumed rate."""
+        if self.per_worker is None:
+            stored = self.store.counter(PER_WORKER_COUNTER)
+            self.per_worker = stored / 1000 if stored else None
+        assumed = self.per_worker or self.settings.queue_assumed_rows_per_s
+        self.rate = throughput(self.nodes(), self.clock(), self.settings.lease_s, assumed)
+        if self.rate.measured:
+            per_worker = self.rate.measured_rows_per_s / self.rate.measured
+            if self.per_worker is None or abs(per_worker - self.per_worker) > 0.1 * self.per_worker:
+                self.store.set_counter(PER_WORKER_COUNTER, max(1, round(per_worker * 1000)))
+                self.per_worker = per_worker
         self._rate_at = now
 
 

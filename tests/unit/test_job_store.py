@@ -416,6 +416,14 @@ def test_a_dead_sqlite_node_is_known_at_once_by_its_lock_file(tmp_path: Path) ->
         watcher.close()
 
 
+def test_counters_are_shared_and_kept(opener: Opener) -> None:
+    node_a, node_b = opener(), opener()
+    assert node_a.counter("worker_milli_rows_per_s") is None
+    node_a.set_counter("worker_milli_rows_per_s", 9500)
+    node_b.set_counter("worker_milli_rows_per_s", 10250)
+    assert node_a.counter("worker_milli_rows_per_s") == 10250 and opener().counter("worker_milli_rows_per_s") == 10250
+
+
 def test_shared_keys_are_made_once_for_every_node(opener: Opener) -> None:
     node_a, node_b = opener(), opener()
     made: list[bytes] = []

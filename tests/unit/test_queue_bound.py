@@ -128,9 +128,10 @@ def test_the_bound_is_the_work_the_workers_finish_in_queue_max_wait_s(store: Sql
     assert len(reads) == 5  # each refusal read the store again first (submits in the same second did not)
 
 
-def test_workers_restarting_keep_their_measured_throughput(store: SqliteStore, tmp_path: Path) -> None:
-    """Every worker gone for a moment (restarting behind an API node): the queue is still bounded by what they
-    did, not by the low assumed rate."""
+def test_a_restart_keeps_the_measured_throughput_of_a_worker(store: SqliteStore, tmp_path: Path) -> None:
+    """Workers restarting (none alive, or loading their models): the queue is still bounded by what one worker
+    was last measured to do (kept in the store, so a restarted API node knows it too), not by the low
+    assumed rate."""
     workers = [node("gpu0", rows=1000, busy_s=100.0)]  # 10 rows/s: 100 rows in 10 s
     bound, clocks, _ = bound_for(store, tmp_path, workers, queue_max_wait_s=10, queue_assumed_rows_per_s=1)
     submit(store, bound, 8)
@@ -139,7 +140,14 @@ def test_workers_restarting_keep_their_measured_throughput(store: SqliteStore, t
     submit(store, bound, 80)
     with pytest.raises(TooManyRequests) as refused:
         bound.admit(13)
-    assert "10.00 image rows/s (measured)" in refused.value.detail
+    assert "10.00 image rows/s (assumed: no GPU worker is alive)" in refused.value.detail
+
+    workers[:] = [node("gpu0", state="loading"), node("gpu1", state="loading")]  # both restarted: 20 rows/s
+    restarted, _, _ = bound_for(store, tmp_path, workers, queue_max_wait_s=10, queue_assumed_rows_per_s=1)
+    submit(store, restarted, 100)
+    with pytest.raises(TooManyRequests) as again:
+        restarted.admit(13)
+    assert "20.00 image rows/s (assumed) on 2 GPU worker(s)" in again.value.detail
 
 
 def test_an_empty_queue_takes_any_request(store: SqliteStore, tmp_path: Path) -> None:

@@ -700,6 +700,22 @@ class JobStore(ABC):
         """A backend's own proof that a node's process has ended (SQLite: its lock file is free)."""
         return False
 
+    # ------------------------------------------------------------------ counters
+
+    def counter(self, name: str) -> int | None:
+        """A number every node shares (kept across restarts), or None if it was never set."""
+        with self._read() as db:
+            row = db.q("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else None
+
+    def set_counter(self, name: str, value: int) -> None:
+        with self._tx() as db:
+            db.q(
+                "INSERT INTO counters (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+
     # ------------------------------------------------------------------ shared keys
 
     def shared_key(self, name: str, make: Callable[[], bytes]) -> bytes:
