@@ -301,8 +301,7 @@ def live_nodes(service: JobService) -> list[NodeRow]:
     node = service.node
     if node.row.device is None and service.host is not None and service.host.ready:
         node.row.device = str(getattr(service.host.engine, "device", "") or "") or None
-    me = node.current()
-    return [me if n.id == me.id else n for n in service.store.nodes()]
+    return service.live_nodes()
 
 
 def _webhook_signer(settings: Settings, store: JobStore) -> WebhookSigner:

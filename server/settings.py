@@ -236,8 +236,24 @@ class Settings(BaseSettings):
         2048 * 2048, ge=64 * 64, description="Most pixels (width x height) of image_size; more is refused with 422."
     )
     max_num_images: int = Field(8, ge=1, le=8, description="Most images one request may ask for (num_images).")
+    queue_max_wait_s: float = Field(
+        300.0,
+        gt=0,
+        description="The queue takes a request while the image rows already waiting would take the live GPU workers "
+        "at most this long, at their measured throughput; past it a submit (queue or sync run) gets 429 queue_full "
+        "with Retry-After.",
+    )
+    queue_assumed_rows_per_s: float = Field(
+        1.0,
+        gt=0,
+        description="Throughput (image rows per second) assumed for a GPU worker before any worker has been "
+        "measured (after that, an unmeasured worker counts as one worker was last measured); low on purpose.",
+    )
     max_queue_size: int = Field(
-        1000, ge=1, description="Most requests waiting in the queue; a submit beyond it gets 429 with Retry-After."
+        100_000,
+        ge=1,
+        description="Hard cap on requests waiting in the queue, whatever the throughput; a submit beyond it gets 429 "
+        "queue_full with Retry-After.",
     )
     rate_limit_per_minute: int = Field(
         0, ge=0, description="Submits (queue and sync runs) per minute per API key; 429 with Retry-After. 0: off."
@@ -283,6 +299,14 @@ class Settings(BaseSettings):
         ge=0,
         description="On SIGTERM, how long the running batch gets to finish; queued requests stay queued for the "
         "next start, and a batch still running after this runs again after a restart.",
+    )
+
+    stream_keepalive_s: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description="A status stream with nothing new to say sends an SSE comment this often, so proxies with an "
+        "idle timeout keep it open while the request waits (fal documents 15 s).",
     )
 
     # Fetching

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import uvicorn
 
+from server.http.draining import DrainingServer
+
 REPO = Path(__file__).resolve().parent.parent
 # The SSRF guard refuses loopback addresses; tests whose image hosts or webhook receivers listen on
 # 127.0.0.1 allow it with ``make_server(fetch_allow=LOOPBACK)`` (or ``INPAINT_FETCH_ALLOW``).
@@ -31,9 +33,11 @@ def free_port() -> int:
 class LiveServer:
     """A real uvicorn server on a loopback port, in a thread of the test process."""
 
-    def __init__(self, app: Any, ssl_certfile: Path | None = None, ssl_keyfile: Path | None = None) -> None:
+    def __init__(
+        self, app: Any, ssl_certfile: Path | None = None, ssl_keyfile: Path | None = None, port: int | None = None
+    ) -> None:
         self.app = app
-        self.port = free_port()
+        self.port = port or free_port()  # a given port: a restart where the clients expect the server
         self.scheme = "https" if ssl_certfile else "http"
         config = uvicorn.Config(
             app,
@@ -74,6 +78,22 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class DrainingLiveServer(LiveServer):
+    """LiveServer with the CLI's DrainingServer; ``sigterm()`` does what the signal handler does."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        super().__init__(app, port=port)
+        self.server = DrainingServer(self.server.config, drain=app.state.drain)
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def sigterm(self) -> None:
+        self.server.handle_exit(signal.SIGTERM, None)
+
+    def exited(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 def wait_ready(url: str, timeout: float = 60.0, verify: bool | str = True) -> None:

@@ -8,7 +8,7 @@ permanent failures; 504 appears only for the user's own start timeout, marked so
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi.responses import JSONResponse
 
@@ -149,11 +149,19 @@ class RetryLater(ApiError):
 
 
 class Draining(RetryLater):
-    """SIGTERM was received: no new work (retry on another instance, or this one after its restart)."""
+    """SIGTERM was received: no new sync runs (retry on another instance, or this one after its restart).
+
+    ``Connection: close``, so the client's retry opens a new connection, which a load balancer sends to another
+    instance (this one's readiness is 503 by now)."""
 
     error_type = "draining"
     retry_after_s = 10
-    default_detail = "the server is shutting down and accepts no new requests; retry shortly"
+    default_detail = "the server is shutting down and takes no new synchronous runs; retry shortly"
+    headers_when_draining: ClassVar[dict[str, str]] = {"Connection": "close"}
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail)
+        self.headers.update(self.headers_when_draining)
 
 
 class StoreDown(RetryLater):

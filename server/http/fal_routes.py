@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -42,6 +43,9 @@ from .routing import QUEUE_PREFIX_KEY
 from .schemas import Output, input_model
 
 TRUE_FLAGS = ("1", "true", "yes", "on")
+# fal's request headers: x-fal-no-retry is honoured (see JobService.submit); X-Fal-Runner-Hint and X-Fal-Store-IO
+# (which runner, how fal's runners store files) mean nothing for one self-hosted server and are ignored.
+NO_RETRY_HEADER = "x-fal-no-retry"
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -51,7 +55,7 @@ IdempotencyKey = Annotated[
         "request_id back instead of a second request. Printable ASCII, at most 255 characters.",
     ),
 ]
-STREAM_KEEPALIVE_S = 10.0
+POSITION_POLL_S = 1.0  # a queued request's stream reads its queue position this often
 FOLLOW_UPS = ("request_status", "request_result", "cancel_request")  # operation ids a submit links to
 
 
@@ -104,7 +108,7 @@ def result_response(service: JobService, job: Job) -> JSONResponse:
         return JSONResponse(output, headers={REQUEST_ID_HEADER: job.id})
     headers = {TIMEOUT_TYPE_HEADER: "user"} if job.error_type == "request_timeout" else None
     if job.error_type == Draining.error_type:  # a sync run refused by a shutdown: worth retrying
-        headers = {"Retry-After": str(Draining.retry_after_s)}
+        headers = {"Retry-After": str(Draining.retry_after_s), **Draining.headers_when_draining}
     return error_response(job.http_status, job.error_body or {}, job.error_type, job.id, headers)
 
 
@@ -139,6 +143,7 @@ def fal_router(
             sync=sync,
             idempotency=idempotency,
             files_lifetime_s=requested_lifetime(request.headers),
+            no_retry=_flag(request.headers.get(NO_RETRY_HEADER)),
         )
 
     for app in apps:
@@ -281,35 +286,40 @@ def _status(service: JobService, caller_of):
 def _stream(service: JobService, caller_of):
     async def stream(request: Request, request_id: str, logs: str | None = None, caller: Caller = Depends(caller_of)):
         job = _job_for(service, request, caller, request_id)
-        with_logs = _flag(logs)
-
-        async def events() -> AsyncIterator[str]:
-            sent_logs = 0
-            last: Any = None
-            current = job
-            while True:
-                position = service.position(current)
-                state = (current.state, position)
-                new_logs = with_logs and len(current.logs) > sent_logs
-                if state != last or new_logs:
-                    body = current.status_body(position, with_logs, sent_logs)
-                    if with_logs:
-                        sent_logs = len(current.logs)
-                    last = state
-                    yield f"data: {json.dumps(body)}\n\n"
-                if current.state.is_terminal():
-                    return
-                # While queued, look again each second: the position moves without this job changing.
-                timeout = 1.0 if current.state is JobState.QUEUED else STREAM_KEEPALIVE_S
-                fresh = await service.wait(current, timeout)
-                if fresh is current and current.state is not JobState.QUEUED:
-                    yield ": keep-alive\n\n"
-                current = fresh
-
+        events = status_events(service, job, _flag(logs), service.settings.stream_keepalive_s)
         headers = {REQUEST_ID_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     return stream
+
+
+async def status_events(service: JobService, job: Job, with_logs: bool, keepalive_s: float) -> AsyncIterator[str]:
+    """A request's status as server-sent events: one event per change of state, queue position or logs, and a
+    ``: keep-alive`` comment after ``keepalive_s`` without one, so proxies with an idle timeout keep the stream
+    open while the request waits; ends with the terminal state."""
+    sent_logs = 0
+    last: Any = None
+    current = job
+    quiet_since = time.monotonic()
+    while True:
+        position = service.position(current)
+        state = (current.state, position)
+        if state != last or (with_logs and len(current.logs) > sent_logs):
+            body = current.status_body(position, with_logs, sent_logs)
+            if with_logs:
+                sent_logs = len(current.logs)
+            last = state
+            quiet_since = time.monotonic()
+            yield f"data: {json.dumps(body)}\n\n"
+        if current.state.is_terminal():
+            return
+        if time.monotonic() - quiet_since >= keepalive_s:
+            quiet_since = time.monotonic()
+            yield ": keep-alive\n\n"
+        timeout = keepalive_s - (time.monotonic() - quiet_since)
+        if current.state is JobState.QUEUED:  # the position moves without this job changing: look again soon
+            timeout = min(timeout, POSITION_POLL_S)
+        current = await service.wait(current, max(timeout, 0.0))
 
 
 def _result(service: JobService, caller_of):

@@ -1,11 +1,11 @@
-"""Request limits: body size while it streams, input sizes at submit, queue length and per-key rate.
+"""Request limits: body size while it streams, input sizes at submit and per-key rate.
 
 * :class:`BodyLimit` (ASGI middleware) answers 413 as soon as a declared ``Content-Length`` or the bytes
   received so far pass the cap, before anything parses the body, and closes the connection so the rest
   is never read. The upload routes get ``upload_max_bytes``; every other route ``max_body_bytes``.
 * :class:`RequestLimits` checks a submit: ``num_images`` and ``image_size`` (422 naming the field), data
-  URIs by their length (413), then the queue length and the key's token bucket (429 + Retry-After).
-  429 is used only for these two: fal's clients retry it.
+  URIs by their length (413), and the key's token bucket (429 + Retry-After). 429 is used only for this and
+  a full queue (:mod:`server.jobs.queue_bound`): fal's clients retry it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from ..inputs.input_fetch import image_size_of_json
 from ..settings import Settings
 from .errors import PayloadTooLarge, TooManyRequests, ValidationFailed
 
-QUEUE_FULL_RETRY_AFTER_S = 5.0
 MULTIPART_PART = re.compile(r"^/uploads/[^/]+/[^/]+/multipart/[^/]+/[0-9]+$")  # its route caps the body itself
 
 
@@ -140,11 +139,6 @@ class RequestLimits:
         self.settings = settings
         self.rate = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst, clock)
 
-    def check(self, payload: dict[str, Any], owner: str, queued: int) -> None:
-        """Refuse a submit that breaks a limit (422, 413 or 429); runs before the job is created."""
-        self.check_input(payload)
-        self.admit(owner, queued)
-
     def check_input(self, payload: dict[str, Any]) -> None:
         s = self.settings
         n = payload.get("num_images", 1)
@@ -163,13 +157,8 @@ class RequestLimits:
             if isinstance(value, str) and value.startswith("data:") and data_uri_min_bytes(value) > s.input_max_bytes:
                 raise PayloadTooLarge(f"{field}: the data URI holds more than {s.input_max_bytes} bytes")
 
-    def admit(self, owner: str, queued: int) -> None:
-        if queued >= self.settings.max_queue_size:
-            raise TooManyRequests(
-                f"the queue is full ({self.settings.max_queue_size} requests waiting); retry later",
-                QUEUE_FULL_RETRY_AFTER_S,
-                "queue_full",
-            )
+    def check_rate(self, owner: str) -> None:
+        """Take one of ``owner``'s tokens, or refuse with 429 and the seconds until the next one."""
         wait = self.rate.wait_time(owner)
         if wait > 0:
             raise TooManyRequests(

@@ -98,6 +98,7 @@ class Job:
     # retention: its files expire this long after it ends (``files_expire_at``), its result JSON with the retention.
     files_lifetime_s: float | None = None
     files_expire_at: float | None = None
+    no_retry: bool = False  # x-fal-no-retry: never run again after a crash or a lost lease
 
     @property
     def sync_mode(self) -> bool:

@@ -141,7 +141,7 @@ class Leases:
 
     def others_can_run(self) -> bool:
         now = self.clock()
-        return any(_can_run(n, now, self.lease_s) for n in self.store.nodes() if n.id != self.holder)
+        return any(can_run(n, now, self.lease_s) for n in self.store.nodes() if n.id != self.holder)
 
     def _written(self, job: Job, saved: bool) -> bool:
         if saved:
@@ -154,6 +154,7 @@ class Leases:
         return saved
 
 
-def _can_run(node: NodeRow, now: float, lease_s: float) -> bool:
+def can_run(node: NodeRow, now: float, lease_s: float) -> bool:
+    """Whether a node is a GPU worker that is alive (a heartbeat within ``lease_s``) and not broken."""
     fresh = node.heartbeat_at >= now - lease_s
     return node.is_worker and fresh and node.state not in ("failed", "gpu_fault", "stopped")

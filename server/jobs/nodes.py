@@ -7,9 +7,10 @@ provably ended: see :meth:`~.store.JobStore.dead_nodes`), and API nodes export t
 
 The :class:`Sweeper` takes back what gone nodes held: a running job whose holder is gone, or whose lease
 ran out more than ``lease_s`` ago (a live worker renews every ``lease_s / 3``), runs again with its seed
-(or fails ``interrupted`` after ``max_attempts``), a sync run whose caller's node is gone fails (nobody
-would read its answer), and a queued job past its start deadline fails ``request_timeout``. Every write
-is a compare-and-set, so any number of API nodes may sweep at once.
+(or fails ``interrupted`` after ``max_attempts``, or at once when it was sent with ``x-fal-no-retry``), a
+sync run whose caller's node is gone fails (nobody would read its answer), and a queued job past its start
+deadline fails ``request_timeout``. Every write is a compare-and-set, so any number of API nodes may sweep at
+once.
 
 Heartbeats are only judged once the sweeper has seen the store answer for ``lease_s`` without a gap: after a
 store outage (or a stall of this process) every node's heartbeat is late, and none of them is dead for that.
@@ -185,6 +186,9 @@ class Sweeper:
             return self.fail(job, "cancelled", "the request was cancelled while running", now, (holder, lease))
         if job.sync and (job.waiter is None or job.waiter in dead):
             return self.fail(job, "interrupted", _SYNC_ORPHAN, now, (holder, lease))
+        if job.no_retry:
+            message = f"{why} while this request was running; not run again (it was sent with x-fal-no-retry)"
+            return self.fail(job, "interrupted", message, now, (holder, lease))
         if job.attempts >= self.max_attempts:
             message = f"{why} while this request was running, {job.attempts} times; not retried again"
             return self.fail(job, "interrupted", message, now, (holder, lease))

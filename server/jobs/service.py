@@ -33,12 +33,17 @@ from . import outcomes
 from .engine_host import EngineHost
 from .job import Job, JobState
 from .nodes import Node, Sweeper
-from .store import JobStore, StoreUnavailable
+from .queue_bound import QueueBound
+from .store import JobStore, NodeRow, StoreUnavailable
 from .watcher import JobWatcher
 from .worker import GpuWorker
 
 log = logging.getLogger("inpaint-server.jobs")
 
+DRAINING_SYNC = (
+    "the server is shutting down and takes no new synchronous runs; retry shortly (another instance, or this one "
+    "after its restart), or submit to the queue, which takes requests while the server drains"
+)
 TERMINAL_CACHE = 5000  # finished jobs kept in memory for fast status polls (terminal rows never change)
 SWEEP_EVERY = 10  # sweeper ticks (of 0.1 s) between lease sweeps; start deadlines are checked every tick
 
@@ -73,13 +78,14 @@ class JobService:
         self.worker = worker
         self.host = host
         self.limits = RequestLimits(settings, clock)
+        self.queue_bound = QueueBound(store, settings, self.live_nodes, clock)
         self.watcher = JobWatcher(store)
         self.sweeper = Sweeper(
             store, settings.lease_s, settings.max_attempts, settings.result_retention_s, clock, self.terminal_written
         )
         self.finished: OrderedDict[str, Job] = OrderedDict()
         self._tasks: list[asyncio.Task] = []
-        self.draining = False  # SIGTERM: no new work; see drain()
+        self.draining = False  # SIGTERM: no new sync runs, no new batches; see drain()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -121,16 +127,25 @@ class JobService:
         sync: bool = False,
         idempotency: tuple[str, str] | None = None,
         files_lifetime_s: float | None = None,
+        no_retry: bool = False,
     ) -> Job:
         """Create a job; it is durable when this returns (with its ``(Idempotency-Key, fingerprint)``, if given).
 
-        ``files_lifetime_s`` (an object lifecycle preference) makes its files expire that long after it ends, when
-        that is shorter than the result retention (never longer)."""
-        if self.draining:
-            raise Draining()
+        While draining, a queue submit is still taken (a durable write: it runs after the restart, or on another
+        worker); a sync run is refused with a retryable 503, since its caller waits on this process, which is
+        about to exit. ``files_lifetime_s`` (an object lifecycle preference) makes its files expire that long
+        after it ends, when that is shorter than the result retention (never longer). ``no_retry``: never run
+        again after a crash or a lost lease (``x-fal-no-retry``).
+        """
+        if self.draining and sync:
+            raise Draining(DRAINING_SYNC)
         if self.host is not None and self.host.state == "failed" and self.worker is not None:
             raise EngineUnavailable(self.unavailable_message())
-        self.limits.check(payload, owner, self.store.queued_count())  # 422 / 413 / 429 before anything is stored
+        # 422 / 413 / 429 before anything is stored
+        rows = rows_of(payload)
+        self.limits.check_input(payload)
+        self.queue_bound.admit(rows)
+        self.limits.check_rate(owner)
         now = self.clock()
         seed = payload.get("seed")
         if seed is None:
@@ -151,18 +166,25 @@ class JobService:
             webhook_url=webhook_url,
             start_deadline=None if start_timeout is None else now + start_timeout,
             batch_key=batch_key_of(app_id, payload, job_id),
-            rows=rows_of(payload),
+            rows=rows,
             waiter=self.node.id if sync else None,
             files_lifetime_s=shorter_than_retention(files_lifetime_s, self.settings.result_retention_s),
+            no_retry=no_retry,
         )
         job.add_log("Request queued", when=now)
         self.store.add(job, idempotency)
+        self.queue_bound.added(rows)
         job.input = {}  # the store has it; the worker that runs the job reads it from there
         if self.worker is not None:
             self.worker.wake()
         self.metrics.requests.labels(app_id, "sync" if sync else "queue").inc()
         log.info("request %s queued for %s (priority %d)", job.id, app_id, priority)
         return job
+
+    def live_nodes(self) -> list[NodeRow]:
+        """The store's node rows, this node's own as it is now (its row is only written every heartbeat)."""
+        me = self.node.current()
+        return [me if n.id == me.id else n for n in self.store.nodes()]
 
     def unavailable_message(self) -> str:
         """Why requests cannot run: the models failed to load (redacted for clients)."""
@@ -281,10 +303,11 @@ class JobService:
     async def drain(self, grace_s: float) -> bool:
         """Stop taking work and give the running batch (of this process's worker) up to ``grace_s`` seconds.
 
-        From now on submits answer 503 (:class:`Draining`). Queued requests stay queued in the store (for the
-        next start, or another worker); synchronous runs this node's callers wait for and that have not started
-        are answered with a retryable 503, since after a restart nobody would be waiting for them. Returns
-        whether the batch finished in time (see :meth:`GpuWorker.drain`).
+        From now on queue submits are still taken (they stay queued in the store, like the requests queued
+        before, for the next start or another worker), status, result, cancel and streams still answer, and sync
+        runs answer 503 (:class:`Draining`). Sync runs this node's callers wait for and that have not started
+        are answered with the same retryable 503, since after a restart nobody would be waiting for them.
+        Returns whether the batch finished in time (see :meth:`GpuWorker.drain`).
         """
         if not self.draining:
             self.draining = True

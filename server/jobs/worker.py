@@ -479,9 +479,10 @@ class GpuWorker:
         self.abandoned = True
         now = self.source.clock()
         for job_id in self.running:
-            self.held[job_id].add_log(
+            job = self.held[job_id]
+            job.add_log(
                 f"The server shut down before this request finished ({grace_s:g} s grace period); "
-                "it runs again when the server restarts (within max_attempts)",
+                + _after_restart(job),
                 "WARN",
                 now,
             )
@@ -524,8 +525,7 @@ class GpuWorker:
         log.critical("GPU fault, this worker stops: %s (requests %s)", reason, ", ".join(j.id for j in batch))
         now = self.source.clock()
         for job in batch:
-            message = "GPU fault during this request; it runs again after a restart, if attempts remain"
-            job.add_log(message, "ERROR", now)
+            job.add_log(f"GPU fault during this request; {_after_restart(job)}", "ERROR", now)
             self._dirty.add(job.id)
         try:
             self._flush_progress()
@@ -585,3 +585,10 @@ class GpuWorker:
         if not self._downloads(head) or self.is_prepared(head.id):
             return head
         return next((ref for ref in window[1:] if self.is_prepared(ref.id)), head)
+
+
+def _after_restart(job: Job) -> str:
+    """What becomes of a job this worker leaves running (a drain's grace over, a GPU fault)."""
+    if job.no_retry:
+        return "it fails after the restart instead of running again (it was sent with x-fal-no-retry)"
+    return "it runs again after the restart (within max_attempts)"

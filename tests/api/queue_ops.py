@@ -25,13 +25,15 @@ def inpaint_input(**overrides: Any) -> dict[str, Any]:
     return fal_wire.inpaint_input(**({"format": "png"} | overrides))
 
 
-def submit(client: httpx.Client, webhook: str | None = None, **overrides: Any) -> str:
-    """Queue a request; returns its id once the server acknowledged it.
+def submit(
+    client: httpx.Client, webhook: str | None = None, headers: dict[str, str] | None = None, **overrides: Any
+) -> str:
+    """Queue a request (with these request ``headers``); returns its id once the server acknowledged it.
 
     Unlike ``fal_wire.submit`` it takes a webhook and does not check the response headers.
     """
     params = {"fal_webhook": webhook} if webhook else None
-    response = client.post(f"/queue/{APP}", json=inpaint_input(**overrides), params=params)
+    response = client.post(f"/queue/{APP}", json=inpaint_input(**overrides), params=params, headers=headers)
     assert response.status_code == 200, response.text
     return response.json()["request_id"]
 

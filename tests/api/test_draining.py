@@ -1,9 +1,10 @@
 """Draining on SIGTERM (reliability case R6).
 
-While draining, ``/health/ready`` is 503 ``draining``, submits are refused with 503 and Retry-After,
-status polls still answer, the running batch gets ``drain_grace_s`` to finish, queued requests stay
-queued in the store for the next start, and the process exits 0. A batch still running when the grace
-period ends stays ``running`` in the store and runs again after the restart.
+While draining, ``/health/ready`` is 503 ``draining``, queue submits are still taken (they stay queued and
+run after the restart), sync runs are refused with 503, Retry-After and ``Connection: close``, status polls
+still answer, the running batch gets ``drain_grace_s`` to finish, queued requests stay queued in the store
+for the next start, and the process exits 0. A batch still running when the grace period ends stays
+``running`` in the store and runs again after the restart.
 
 The first tests send a real SIGTERM to ``inpaint-server serve --models tiny``; the in-process ones drive
 the same :class:`server.http.draining.DrainingServer` over a held engine, to check each step without timing.
@@ -22,7 +23,6 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.http.draining import DrainingServer
 from server.jobs.job import Job, JobState
 from server.jobs.store.sqlite import SqliteStore
 from server.settings import load_settings
@@ -37,7 +37,7 @@ from tests.api.queue_ops import (
     wait_all_completed,
     wait_status,
 )
-from tests.live import GatedEngine, LiveServer, ServerProcess
+from tests.live import DrainingLiveServer, GatedEngine, ServerProcess
 
 ABANDONED = "The server shut down before this request finished"
 
@@ -73,6 +73,7 @@ def assert_refused(response: httpx.Response) -> None:
     assert response.status_code == 503, response.text
     assert response.headers["x-fal-error-type"] == "draining"
     assert int(response.headers["retry-after"]) > 0
+    assert response.headers["connection"] == "close"  # the retry opens a new connection (another instance)
     assert response.json()["error_type"] == "draining"
 
 
@@ -95,7 +96,7 @@ def test_sigterm_finishes_the_running_job_keeps_the_queue_and_exits_0(
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
         wait_draining(client)
-        assert_refused(client.post(f"/queue/{APP}", json=inpaint_input()))
+        queued[submit(client, seed=4)] = 4  # taken while draining: it runs after the restart
         assert_refused(client.post(f"/{APP}", json=inpaint_input()))
         # Polls still answer during the grace period.
         assert status(client, running_id)["status"] == "IN_PROGRESS"
@@ -145,22 +146,6 @@ def test_a_job_longer_than_the_grace_period_runs_again_after_the_restart(
 # ---------------------------------------------------------------------- in process, over a held engine
 
 
-class DrainingLiveServer(LiveServer):
-    """LiveServer with the CLI's DrainingServer; ``sigterm()`` does what the signal handler does."""
-
-    def __init__(self, app: Any) -> None:
-        super().__init__(app)
-        self.server = DrainingServer(self.server.config, drain=app.state.drain)
-        self._thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def sigterm(self) -> None:
-        self.server.handle_exit(signal.SIGTERM, None)
-
-    def exited(self, timeout: float) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-
 @pytest.fixture
 def draining_server(engine: Any, tmp_path: Path, small_work: None) -> Iterator[Callable[..., DrainingLiveServer]]:
     servers: list[DrainingLiveServer] = []
@@ -180,7 +165,7 @@ def draining_server(engine: Any, tmp_path: Path, small_work: None) -> Iterator[C
         server.stop()
 
 
-def test_drain_refuses_new_work_answers_waiting_sync_runs_and_lets_the_batch_finish(
+def test_drain_takes_queue_submits_refuses_sync_runs_and_lets_the_batch_finish(
     engine: Any, draining_server: Callable[..., DrainingLiveServer], tmp_path: Path
 ) -> None:
     gate = GatedEngine(engine)
@@ -207,7 +192,9 @@ def test_drain_refuses_new_work_answers_waiting_sync_runs_and_lets_the_batch_fin
         waiting_sync.join(30)
         assert len(sync_answers) == 1
         assert_refused(sync_answers[0])
-        assert_refused(client.post(f"/queue/{APP}", json=inpaint_input()))
+        assert_refused(client.post(f"/{APP}", json=inpaint_input()))
+        during_id = submit(client, seed=8)  # a queue submit is taken, and waits for the next start
+        assert status(client, during_id)["status"] == "IN_QUEUE"
         assert client.get("/health/live").status_code == 200
         metrics = client.get("/metrics").text
         assert "inpaint_ready 0.0" in metrics
@@ -218,9 +205,9 @@ def test_drain_refuses_new_work_answers_waiting_sync_runs_and_lets_the_batch_fin
 
         gate.release.set()
         assert server.exited(30), "the server did not exit after the batch finished"
-    rows = stored(tmp_path / "data", [running_id, queued_id])
+    rows = stored(tmp_path / "data", [running_id, queued_id, during_id])
     assert rows[running_id].state is JobState.SUCCEEDED
-    assert rows[queued_id].state is JobState.QUEUED
+    assert rows[queued_id].state is JobState.QUEUED and rows[during_id].state is JobState.QUEUED
     assert len(gate.batches) == 1
 
 

@@ -282,31 +282,37 @@ def test_gpu_faults_end_the_process_and_restarts_rerun_or_quarantine_the_jobs(
 ) -> None:
     """R9, R10, R5 through real restarts (one scenario, three processes, to keep the run short).
 
-    1. A batch of ``victim`` and ``poison`` hits an illegal memory access: readiness 503 with the reason,
-       exit status 75, both rows left running (attempt 1); ``other`` stays queued.
-    2. After the restart ``victim`` runs again and completes; ``poison`` runs again and hangs: the
-       watchdog (step_timeout_s=1) ends the process with status 75 again (attempt 2).
+    1. A batch of ``victim``, ``poison`` and ``careful`` (sent with ``x-fal-no-retry: 1``) hits an illegal
+       memory access: readiness 503 with the reason, exit status 75, the three rows left running (attempt 1);
+       ``other`` stays queued.
+    2. After the restart ``careful`` fails ``interrupted`` without running again (x-fal-no-retry); ``victim``
+       (sent with ``x-fal-no-retry: 0`` and fal's no-op headers) runs again and completes; ``poison`` runs
+       again and hangs: the watchdog (step_timeout_s=1) ends the process with status 75 again (attempt 2).
     3. ``poison`` has taken the process down twice (max_attempts=2): failed ``interrupted``, not run a
        third time although it would crash again; ``other`` and new jobs run.
     """
     poison_fatal = {"at": "decode", "fault": "fatal", "prompt": "poison"}
     hold = {"at": "denoise_step", "fault": "hang", "prompt": "blocker", "seconds": 2}  # lets a batch form
-    first = spawn(data_dir, faults=[hold, poison_fatal], INPAINT_MAX_BATCH_SIZE="2", INPAINT_GPU_FAULT_EXIT_DELAY_S="1")
+    first = spawn(data_dir, faults=[hold, poison_fatal], INPAINT_MAX_BATCH_SIZE="3", INPAINT_GPU_FAULT_EXIT_DELAY_S="1")
+    retried = {"x-fal-no-retry": "0", "X-Fal-Runner-Hint": "gpu-a", "X-Fal-Store-IO": "1"}  # accepted, no-ops
     with httpx.Client(base_url=first.url, timeout=10) as client:
         blocker = submit(client, prompt="blocker", seed=1)
         wait_status(client, blocker, "IN_PROGRESS")
-        victim = submit(client, prompt="a victim", seed=2)
+        victim = submit(client, prompt="a victim", seed=2, headers=retried)
         poison = submit(client, prompt="poison", seed=3)
-        other = submit(client, prompt="a boat", seed=4)  # the batch holds two: this one waits
+        careful = submit(client, prompt="a careful fox", seed=6, headers={"x-fal-no-retry": "1"})
+        other = submit(client, prompt="a boat", seed=4)  # the batch holds three: this one waits
         not_ready = _readiness_until_exit(first, client)
     assert _exit_status(first) == EXIT_GPU_FAULT
     assert not_ready is not None and not_ready["status"] == "gpu_fault", not_ready
     assert "illegal memory access" in not_ready["detail"]
-    rows = _stored(data_dir, [blocker, victim, poison, other])
+    rows = _stored(data_dir, [blocker, victim, poison, careful, other])
     assert rows[blocker].state is JobState.SUCCEEDED
-    for job_id in (victim, poison):
+    for job_id in (victim, poison, careful):
         assert rows[job_id].state is JobState.RUNNING and rows[job_id].attempts == 1
         assert any("GPU fault" in entry["message"] for entry in rows[job_id].logs)
+    assert rows[careful].no_retry and not rows[victim].no_retry
+    assert "instead of running again" in rows[careful].logs[-1]["message"]
     assert rows[other].state is JobState.QUEUED
 
     poison_hang = {"at": "denoise_step", "fault": "hang", "prompt": "poison"}
@@ -314,19 +320,22 @@ def test_gpu_faults_end_the_process_and_restarts_rerun_or_quarantine_the_jobs(
         data_dir, faults=poison_hang, wait=False, INPAINT_STEP_TIMEOUT_S="1", INPAINT_GPU_FAULT_EXIT_DELAY_S="0.2"
     )
     assert _exit_status(second) == EXIT_GPU_FAULT
-    rows = _stored(data_dir, [victim, poison, other])
+    rows = _stored(data_dir, [victim, poison, careful, other])
     assert rows[victim].state is JobState.SUCCEEDED and rows[victim].attempts == 2
     assert rows[poison].state is JobState.RUNNING and rows[poison].attempts == 2
+    assert rows[careful].state is JobState.FAILED and rows[careful].attempts == 1  # failed once, not run again
     assert rows[other].state is JobState.QUEUED
 
     third = spawn(data_dir, faults=poison_fatal, INPAINT_MAX_ATTEMPTS="2")
     with httpx.Client(base_url=third.url, timeout=30) as client:
-        bodies = wait_all_completed(client, [victim, poison, other])
+        bodies = wait_all_completed(client, [victim, poison, careful, other])
         assert "error" not in bodies[victim], bodies[victim]
         assert "Interrupted: its worker stopped; running again (attempt 2)" in _messages(bodies[victim])
         assert result(client, victim)["seed"] == 2
         assert bodies[poison]["error_type"] == "interrupted" and "2 times" in bodies[poison]["error"]
         assert client.get(requests_url(poison)).status_code == 500
+        assert bodies[careful]["error_type"] == "interrupted" and "x-fal-no-retry" in bodies[careful]["error"]
+        assert not any(m.startswith("Interrupted") for m in _messages(bodies[careful]))
         assert "error" not in bodies[other], bodies[other]
         later = submit(client, seed=5)
         assert "error" not in wait_all_completed(client, [later])[later]

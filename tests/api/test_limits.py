@@ -283,6 +283,34 @@ def test_a_full_queue_takes_exactly_its_size_from_200_concurrent_submits(make_se
         assert held in gate.batches[0]
 
 
+def test_the_queue_takes_what_the_workers_finish_in_queue_max_wait_s_and_refuses_the_rest_unwritten(
+    make_server, engine, request
+) -> None:
+    """The bound counts image rows against the workers' throughput (1 row/s assumed here: nothing measured yet,
+    so 3 s of work is 3 rows); past it a submit gets 429 ``queue_full`` saying why, with Retry-After, and
+    nothing of it is stored."""
+    server, gate = gated_server(make_server, engine, request, queue_max_wait_s=3, queue_assumed_rows_per_s=1)
+    store = server.app.state.store
+    with client_for(server) as client:
+        hold_one(client, gate)  # running, not queued: the queue only grows from now on
+        submit(client, LIGHTNING, num_images=2)
+        submit(client, LIGHTNING)
+        before = store.counts()
+        for url in (f"/queue/{LIGHTNING}", f"/{LIGHTNING}"):  # a sync run queues too
+            refused = client.post(url, json=inpaint_input())
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["x-fal-error-type"] == "queue_full"
+            assert refused.headers["retry-after"] == "1"  # room for one row once the GPU has done one
+            assert "x-fal-request-id" not in refused.headers  # no request was made
+            body = refused.json()
+            assert body["error_type"] == "queue_full" and body["message"] == body["detail"]
+            assert body["detail"].startswith(
+                "the queue is full: the 3 image rows waiting take about 3 s at 1.00 image rows/s (assumed) on 1 GPU "
+                "worker(s), and this server queues at most 3 s of work (queue_max_wait_s)"
+            )
+        assert store.counts() == before == {"queued": 2, "running": 1}
+
+
 # ---------------------------------------------------------------------------------------------
 # rate per key (S14)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +223,42 @@ def test_status_stream_sends_log_deltas_and_closes_after_completed(make_server, 
         assert [m for m in (line["message"] for line in streamed) if m.startswith("Step ")] == [
             f"Step {n}/4" for n in range(1, 5)
         ]
+        wait_for(client, LIGHTNING, held)
+
+
+def test_status_stream_keeps_alive_while_waiting_and_sends_each_queue_position(make_server, engine, request) -> None:
+    """A request that waits sends an SSE comment every ``stream_keepalive_s`` (and no more often) while nothing
+    changes, queued or running, and an event whenever its queue position moves."""
+    keepalive = 0.25
+    server, gate = gated_server(make_server, engine, request, stream_keepalive_s=keepalive)
+    with client_for(server) as client:
+        held = hold_one(client, gate)
+        ahead = submit(client)["request_id"]
+        rid = submit(client)["request_id"]
+        url = f"/queue/{endpoint(LIGHTNING)}/requests/{rid}/status/stream"
+        lines: list[tuple[float, dict[str, Any] | None]] = []  # (when, event), None for a comment
+        with client.stream("GET", url) as stream:
+            for event in sse_events(stream):
+                lines.append((time.monotonic(), event))
+                comments = sum(1 for _, e in lines if e is None)
+                if comments == 3 and event is None:  # silent for three intervals at position 1
+                    cancel = client.put(f"/queue/{endpoint(LIGHTNING)}/requests/{ahead}/cancel")
+                    assert cancel.status_code == 202
+                elif event is not None and event.get("queue_position") == 0:
+                    gate.release.set()  # the held request ends, ours runs: running and completed follow
+        events = [e for _, e in lines if e is not None]
+        assert [(e["status"], e.get("queue_position")) for e in events] == [
+            ("IN_QUEUE", 1),
+            ("IN_QUEUE", 0),  # the request ahead was cancelled: within the position look-up's second
+            ("IN_PROGRESS", None),
+            ("COMPLETED", None),
+        ]
+        times = [when for when, _ in lines]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert max(gaps) < keepalive + 0.5, gaps  # never silent much longer than the interval
+        for (before, _), (when, event) in itertools.pairwise(lines):
+            if event is None:
+                assert when - before > keepalive * 0.8, gaps  # a comment only after an interval of silence
         wait_for(client, LIGHTNING, held)
 
 

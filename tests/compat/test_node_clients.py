@@ -28,6 +28,9 @@ import pytest
 from PIL import Image
 
 from server.jobs.job import JobState
+from tests.api import fal_wire as wire
+from tests.api.fal_wire import wait_for
+from tests.compat.idle_proxy import IdleCuttingProxy
 from tests.helpers import box_mask, noise_image, png
 from tests.live import LOOPBACK, GatedEngine
 from tests.webhook_receiver import WebhookReceiver
@@ -402,3 +405,57 @@ def test_temporary_tokens_in_a_browser_app(node_modules, make_server, pngs) -> N
     assert all(c["status"] == 200 and c["contentType"].startswith("text/event-stream") for c in streams)
     assert len(uploads(calls, server.url)) == 2
     assert not [c for c in calls if c.get("status") == 401 or c.get("refused")]
+
+
+def release_after_queued_for(server, gate: GatedEngine, seconds: float, timeout: float = 30.0) -> threading.Thread:
+    """Let the held job go once another request has waited ``seconds`` in the queue (or after ``timeout``)."""
+    store = server.app.state.store
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and store.queued_count() == 0:
+            time.sleep(0.01)
+        gate.release.wait(seconds)
+        gate.release.set()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("keepalive", [True, False], ids=["keep-alive", "silent"])
+def test_streaming_subscribe_through_a_proxy_with_an_idle_timeout(
+    keepalive, node_modules, make_server, engine, pngs
+) -> None:
+    """``fal.subscribe(..., {mode: "streaming"})`` while the request waits in the queue three times longer than
+    the proxy's idle timeout: the stream's keep-alive comments (``stream_keepalive_s``) keep it open. The
+    same wait without them (a keep-alive longer than the wait) is cut, and the client fails as it did before."""
+    idle_s = 0.6
+    server, gate = start(make_server, engine, stream_keepalive_s=0.2 if keepalive else 60)
+    with IdleCuttingProxy(server.port, idle_s) as proxy, httpx.Client(base_url=server.url, timeout=30) as client:
+        held = client.post(f"/queue/{LIGHTNING}", json=wire.inpaint_input(seed=1)).json()["request_id"]
+        assert gate.started.wait(30)
+        waiter = release_after_queued_for(server, gate, 3 * idle_s)
+        try:
+            obs = run_node(
+                "stream_idle.mjs", f"--base={proxy.url}", f"--image={pngs['image']}", f"--mask={pngs['mask']}"
+            )
+        finally:
+            gate.release.set()
+            waiter.join(30)
+        assert "error" not in wait_for(client, LIGHTNING, held)  # the blocker ran on, undisturbed
+    assert not [c for c in obs["calls"] if c.get("refused")]
+    queued = [u["atMs"] for u in obs["updates"] if u["status"] == "IN_QUEUE"]
+    assert queued, obs["updates"]
+    if keepalive:
+        value = ok(obs["outcome"], "streaming subscribe through the proxy")
+        assert value["seed"] == 7 and value["images"] == 1 and UUID.match(value["requestId"])
+        states = [u["status"] for u in obs["updates"]]
+        assert states[0] == "IN_QUEUE" and states[-1] == "COMPLETED", states
+        started = next(u["atMs"] for u in obs["updates"] if u["status"] != "IN_QUEUE")
+        assert started - queued[0] > 2 * idle_s * 1000  # the stream stayed open through a long silence
+    else:
+        error = failed(obs["outcome"], "streaming subscribe through the proxy without keep-alives")
+        assert error["isApiError"] and error["status"] == 500, error
+        assert proxy.cuts >= 1
+        assert all(u["status"] == "IN_QUEUE" for u in obs["updates"]), obs["updates"]

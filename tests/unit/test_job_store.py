@@ -87,6 +87,7 @@ def test_every_persistent_field_round_trips(store: JobStore) -> None:
         http_status=422,
         inference_time=0.125,
         files=["0.png", "1.png"],
+        no_retry=True,
     )
     job.add_log("Request queued", when=1000.5)
     job.add_log("Step 1/2", "WARN", when=1001.5)
@@ -295,11 +296,14 @@ def test_a_write_conditioned_on_state_or_lease_fails_when_the_row_moved_on(store
 
 def test_queue_position_comes_from_the_store(opener: Opener) -> None:
     node_a, node_b = opener(), opener()
-    queued(node_a, [("a", "k", 1), ("b", "k", 1), ("c", "k", 1)])
+    assert node_b.queued_totals() == (0, 0)
+    queued(node_a, [("a", "k", 1), ("b", "k", 1), ("c", "k", 4)])
     queued(node_a, [("low", "k", 1)], priority=1, start=4)
     assert [node_b.position(i) for i in ("a", "b", "c", "low")] == [0, 1, 2, 3]
+    assert node_b.queued_totals() == (4, 7)  # requests and image rows: what the queue's bound counts
     node_a.claim("w", ["a"], 1.0, 5.0)
     assert [node_b.position(i) for i in ("a", "b", "c", "low")] == [None, 0, 1, 2]
+    assert node_b.queued_totals() == (3, 6)
     assert node_b.position("missing") is None
 
 
@@ -428,6 +432,14 @@ def test_a_dead_sqlite_node_is_known_at_once_by_its_lock_file(tmp_path: Path) ->
         watcher.close()
 
 
+def test_counters_are_shared_and_kept(opener: Opener) -> None:
+    node_a, node_b = opener(), opener()
+    assert node_a.counter("worker_milli_rows_per_s") is None
+    node_a.set_counter("worker_milli_rows_per_s", 9500)
+    node_b.set_counter("worker_milli_rows_per_s", 10250)
+    assert node_a.counter("worker_milli_rows_per_s") == 10250 and opener().counter("worker_milli_rows_per_s") == 10250
+
+
 def test_shared_keys_are_made_once_for_every_node(opener: Opener) -> None:
     node_a, node_b = opener(), opener()
     made: list[bytes] = []
@@ -504,7 +516,7 @@ def test_an_older_sqlite_store_gets_the_new_columns(tmp_path: Path) -> None:
         (ref,) = store.queue_head(8)
         assert ref.id == "old" and ref.batch_key == "" and ref.rows == 1
         (job,) = store.claim("w", ["old"], 2.0, 5.0)
-        assert job.worker == "w" and job.attempts == 1
+        assert job.worker == "w" and job.attempts == 1 and job.no_retry is False
         store.add(make_job("new", 0))
         assert store.get("new").seq == 2  # the arrival counter starts past the old rows
     finally:

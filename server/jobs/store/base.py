@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     waiter TEXT,
     version BIGINT NOT NULL DEFAULT 0,
     files_lifetime_s {real},
-    files_expire_at {real}
+    files_expire_at {real},
+    no_retry INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (state, priority, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
@@ -150,6 +151,7 @@ _ADDED_COLUMNS = {
         "version": "BIGINT NOT NULL DEFAULT 0",
         "files_lifetime_s": "{real}",
         "files_expire_at": "{real}",
+        "no_retry": "INTEGER NOT NULL DEFAULT 0",
     },
     "webhooks": {"claimed_by": "TEXT", "claimed_until": "{real}"},
     "uploads": {"lifetime_s": "{real}", "multipart_id": "TEXT", "parts_ref": "TEXT"},
@@ -198,6 +200,7 @@ _COLUMNS = [
     "version",
     "files_lifetime_s",
     "files_expire_at",
+    "no_retry",
 ]
 _SELECT = ", ".join(_COLUMNS)
 # Every column but the input (data URIs: megabytes), which only a worker preparing the job reads.
@@ -518,6 +521,12 @@ class JobStore(ABC):
         with self._read() as db:
             return int(db.q("SELECT COUNT(*) FROM jobs WHERE state = ?", (_QUEUED,)).fetchone()[0])
 
+    def queued_totals(self) -> tuple[int, int]:
+        """(requests, image rows) waiting in the queue: what the queue's bound counts."""
+        with self._read() as db:
+            row = db.q("SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM jobs WHERE state = ?", (_QUEUED,)).fetchone()
+        return int(row[0]), int(row[1])
+
     def position(self, job_id: str) -> int | None:
         """How many queued jobs are ahead of a queued job (None if it is not queued): right on any node.
 
@@ -731,6 +740,22 @@ class JobStore(ABC):
         """A backend's own proof that a node's process has ended (SQLite: its lock file is free)."""
         return False
 
+    # ------------------------------------------------------------------ counters
+
+    def counter(self, name: str) -> int | None:
+        """A number every node shares (kept across restarts), or None if it was never set."""
+        with self._read() as db:
+            row = db.q("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else None
+
+    def set_counter(self, name: str, value: int) -> None:
+        with self._tx() as db:
+            db.q(
+                "INSERT INTO counters (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+
     # ------------------------------------------------------------------ shared keys
 
     def shared_key(self, name: str, make: Callable[[], bytes]) -> bytes:
@@ -902,6 +927,7 @@ def _row(job: Job) -> dict[str, Any]:
     values["state"] = job.state.value
     values["sync"] = int(job.sync)
     values["cancel_requested"] = int(job.cancel_requested)
+    values["no_retry"] = int(job.no_retry)
     for name in _JSON_FIELDS:
         value = values[name]
         values[name] = None if value is None else json.dumps(value)
@@ -918,6 +944,7 @@ def _job(row: tuple) -> Job:
     values["state"] = JobState(values["state"])
     values["sync"] = bool(values["sync"])
     values["cancel_requested"] = bool(values["cancel_requested"])
+    values["no_retry"] = bool(values["no_retry"])
     return Job(**values)
 
 
