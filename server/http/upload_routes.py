@@ -7,17 +7,20 @@
   then ``POST /files/upload`` with the bytes and ``Authorization: Bearer <token>`` returns
   ``access_url``.
 
-Uploaded files are served at ``GET /uploads/<token>/<name>`` and expire with the result retention.
+Uploaded files are served at ``GET /uploads/<token>/<name>`` and expire with the result retention. While a disk
+is full (:mod:`server.disk_space`), uploads get 507 ``insufficient_storage`` and leave nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import mimetypes
 import secrets
 from collections.abc import Callable
@@ -28,9 +31,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from ..delivery.file_store import FileStore, file_response, safe_name
-from ..jobs.store.base import JobStore, UploadRow
-from .errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from ..disk_space import DiskSpace, is_disk_full
+from ..jobs.store.base import JobStore, StoreUnavailable, UploadRow
+from .errors import BadRequest, InsufficientStorage, NotFound, PayloadTooLarge, Unauthorized
 from .openapi_responses import FILES_UPLOAD, UPLOAD_INITIATE, UPLOAD_TOKEN
+
+log = logging.getLogger("inpaint-server.uploads")
 
 TOKEN_TTL_S = 3600
 # Raster images (inputs) and octet-stream (textual-inversion safetensors). No SVG or HTML: uploads are
@@ -82,10 +88,23 @@ def storage_router(
     max_bytes: int,
     retention_s: float,
     clock: Callable[[], float],
+    disk: DiskSpace | None = None,
 ) -> APIRouter:
     router = APIRouter(tags=["storage"])
 
+    def check_disk() -> None:
+        if disk is not None:
+            disk.check()
+
+    def no_space(token: str, exc: OSError) -> InsufficientStorage:
+        """A write of an upload found the disk full (what it wrote is gone by now)."""
+        if disk is not None:
+            disk.failed_files()
+        log.error("upload %s... not stored: %s", token[:8], exc)
+        return InsufficientStorage("the server's disk is full: the upload was not stored; retry once space is freed")
+
     def reserve(owner: str, file_name: str, content_type: str) -> UploadRow:
+        check_disk()
         now = clock()
         row = UploadRow(
             secrets.token_urlsafe(24), owner, safe_name(file_name), content_type, None, now, now + retention_s
@@ -98,7 +117,13 @@ def storage_router(
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise PayloadTooLarge(f"uploads are limited to {max_bytes} bytes")
         size = 0
-        spool = files.spool_upload(token)
+        try:
+            spool = files.spool_upload(token)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise no_space(token, exc) from None
+            raise
+        full: OSError | None = None
         try:
             try:
                 async for chunk in request.stream():
@@ -109,9 +134,29 @@ def storage_router(
             except ClientDisconnect:
                 raise BadRequest("the client disconnected before the upload finished") from None
             await asyncio.to_thread(spool.commit)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            full = exc
         finally:
-            spool.close()
+            spool.close()  # an upload not committed is removed
+        if full is not None:
+            raise no_space(token, full) from None
         return size
+
+    async def finish(token: str, size: int) -> None:
+        """Record a stored upload's size (it is served from now on); if the store cannot, remove the file."""
+        try:
+            store.set_upload_size(token, size)
+        except StoreUnavailable:
+            await asyncio.to_thread(files.delete_upload, token)
+            raise
+
+    def release(token: str) -> None:
+        try:
+            store.release_upload(token)
+        except StoreUnavailable as exc:  # the client starts again from initiate (a new URL) anyway
+            log.warning("upload %s... not released for another PUT: %s", token[:8], exc)
 
     def content_type_of(value: object) -> str:
         text = (value if isinstance(value, str) and value else "application/octet-stream").split(";")[0]
@@ -139,14 +184,15 @@ def storage_router(
         row = store.get_upload(token)
         if row is None or name != row.file_name or row.expires_at <= clock():
             raise NotFound("no such upload")
+        check_disk()
         if not store.claim_upload(token):  # one PUT per upload URL, even when two race
             raise BadRequest("this upload URL has already been used")
         try:
             size = await receive_body(request, token)
+            await finish(token, size)
         except BaseException:
-            store.release_upload(token)  # a failed PUT may be retried
+            release(token)  # a failed PUT may be retried
             raise
-        store.set_upload_size(token, size)
         return {"file_url": str(request.url), "size": size}
 
     @router.post("/storage/auth/token", responses=UPLOAD_TOKEN)
@@ -167,8 +213,13 @@ def storage_router(
             raise Unauthorized("missing or expired upload token; get one from POST /storage/auth/token")
         content_type = content_type_of(request.headers.get("content-type"))
         row = reserve(owner, request.headers.get("x-fal-file-name") or "upload", content_type)
-        size = await receive_body(request, row.token)
-        store.set_upload_size(row.token, size)
+        try:
+            size = await receive_body(request, row.token)
+            await finish(row.token, size)
+        except BaseException:
+            with contextlib.suppress(StoreUnavailable):  # else it expires unused, like any reservation
+                store.delete_uploads([row.token])
+            raise
         return JSONResponse({"access_url": f"{base_url_of(request)}/uploads/{row.token}/{row.file_name}"})
 
     @router.get("/uploads/{token}/{name}", include_in_schema=False)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .base import Db, JobStore, NodeRow
+from .base import Db, JobStore, NodeRow, StoreFull
 
 FEED_INTERVAL_S = 0.02
 
@@ -75,22 +75,36 @@ class SqliteStore(JobStore):
 
     @contextmanager
     def _tx(self) -> Iterator[Db]:
-        with self._lock:
+        with self._lock, self._full_disk():
             self._db.execute("BEGIN IMMEDIATE")
             db = _SqliteDb(self._db)
             try:
                 yield db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A COMMIT that failed (SQLITE_FULL) may leave the transaction open: never let a later write join it.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
         if db.dirty:
             self._fire()
 
     @contextmanager
     def _read(self) -> Iterator[Db]:
-        with self._lock:
+        with self._lock, self._full_disk():
             yield _SqliteDb(self._db)
+
+    @contextmanager
+    def _full_disk(self) -> Iterator[None]:
+        """``SQLITE_FULL`` (the disk of the database or of its WAL is full) as :class:`StoreFull`."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            self.on_full()
+            raise StoreFull(f"the disk of the job store ({self.path.name}) is full: nothing was written") from exc
 
     def _columns(self, db: Db, table: str) -> set[str]:
         return {row[1] for row in db.q(f"PRAGMA table_info({table})").fetchall()}
