@@ -122,10 +122,10 @@ class DiskSpace:
         if problem is not None:
             raise InsufficientStorage(f"{problem}; nothing was stored, retry once space is freed")
 
-    async def run(self, interval_s: float = CHECK_EVERY_S) -> None:
-        """Refresh every ``interval_s`` until cancelled."""
+    async def run(self) -> None:
+        """Refresh every :data:`CHECK_EVERY_S` until cancelled."""
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(CHECK_EVERY_S)
             try:
                 await asyncio.to_thread(self.refresh)
             except Exception:

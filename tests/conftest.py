@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,35 @@ def postgres() -> Iterator[object]:
     server = PostgresServer().start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, int], Path]]:
+    """``tmpfs(name, kib)``: a tmpfs of that size mounted at ``tmp_path/name`` (unmounted at the end). Skipped where
+    mounting is not permitted, unless ``INPAINT_REQUIRE_CONTAINER=1`` (CI, which has the privileges)."""
+    mounted: list[Path] = []
+
+    def mount(name: str, kib: int) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        try:
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True, text=True
+            )
+            reason = (done.stderr.strip() or f"mount exited with {done.returncode}") if done.returncode else ""
+        except FileNotFoundError:
+            reason = "there is no mount command"
+        if reason:
+            message = f"mounting a tmpfs needs root with CAP_SYS_ADMIN: {reason}"
+            if os.environ.get("INPAINT_REQUIRE_CONTAINER") == "1":
+                pytest.fail(message)
+            pytest.skip(message)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ provably ended: see :meth:`~.store.JobStore.dead_nodes`), and API nodes export t
 The :class:`Sweeper` takes back what gone nodes held: a running job whose holder is gone, or whose lease
 ran out more than ``lease_s`` ago (a live worker renews every ``lease_s / 3``), runs again with its seed
 (or fails ``interrupted`` after ``max_attempts``), a sync run whose caller's node is gone fails (nobody
-would read its answer), and a queued job past its start deadline fails ``request_timeout``. Every write
+would read its answer), a queued job past its start deadline fails ``request_timeout``, and a queued job
+flagged cancelled whose cancel was not finished (a full disk between the two writes) is cancelled. Every write
 is a compare-and-set, so any number of API nodes may sweep at once.
 
 Heartbeats are only judged once the sweeper has seen the store answer for ``lease_s`` without a gap: after a
@@ -165,6 +166,8 @@ class Sweeper:
                 changed += self._orphaned_sync(job_id, now)
         if claimants & dead and self.store.release_webhooks(claimants & dead):
             self.on_webhooks()
+        for job in self.store.cancelled_queued():  # no worker takes them; only this finishes them
+            changed += self.fail(job, "cancelled", "the request was cancelled before it started", now)
         changed += self.overdue(now)
         self._forget_nodes(now, dead)
         return changed

@@ -513,6 +513,16 @@ class JobStore(ABC):
             ).fetchall()
         return [_job(r) for r in rows]
 
+    def cancelled_queued(self, limit: int = 100) -> list[Job]:
+        """Queued jobs flagged cancelled but not failed yet: a cancel whose second write did not go through (a full
+        disk, a store outage between the flag and the terminal state)."""
+        with self._read() as db:
+            rows = db.q(
+                f"SELECT {_SELECT_LIGHT} FROM jobs WHERE state = ? AND cancel_requested = 1 ORDER BY seq LIMIT ?",
+                (_QUEUED, limit),
+            ).fetchall()
+        return [_job(r) for r in rows]
+
     def waiting_sync(self) -> list[tuple[str, str | None]]:
         """(id, waiter) of every unfinished sync run: the waiter is the node whose caller waits for it."""
         with self._read() as db:
