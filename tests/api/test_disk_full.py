@@ -1,8 +1,9 @@
 """A full disk (issue 13, item 22), on small tmpfs mounts made by the test, with the real Python fal client.
 
 * The default layout (job store and files on one disk, ``disk_reserve_bytes`` set): submits, sync runs and uploads
-  get 507 ``insufficient_storage`` before anything is written; ``/health/ready`` says so; a request running when
-  the disk filled and one queued then finish once space is freed, without a restart.
+  get 507 ``insufficient_storage`` before anything is written (the JS client too, which does not retry it);
+  ``/health/ready`` says so; a request running when the disk filled and one queued then finish once space is
+  freed, without a restart.
 * The real failures (store and files on two disks, no reserve): an upload whose bytes find no space, a request
   whose images cannot be written (it fails clearly, and that failure is stored) and a submit whose row finds no
   space (``SQLITE_FULL``) each get a clear 507, and leave nothing behind.
@@ -25,6 +26,7 @@ import pytest
 
 import server.disk_space
 from tests.api import fal_wire
+from tests.compat.test_node_clients import NODE, NODE_DIR, run_node
 from tests.helpers import noise_image, png
 from tests.live import GatedEngine, LiveServer
 
@@ -71,6 +73,23 @@ def refused(call: Callable[[], Any]) -> fal_client.client.FalClientHTTPError:
     return caught.value
 
 
+def js_client_refused(server: LiveServer, tmp_path: Path) -> None:
+    """``@fal-ai/client`` (proxy protocol): a submit and a Blob upload each get the 507 once, with its reason.
+    Checked wherever Node is installed (CI); the fal JS packages must then be too."""
+    if NODE is None:
+        return
+    assert (NODE_DIR / "node_modules" / "@fal-ai" / "client").is_dir(), "run `npm ci --prefix tests/compat/node`"
+    image = tmp_path / "in.png"
+    image.write_bytes(PNG)
+    seen = run_node("disk_full.mjs", "--base", server.url, "--image", str(image), "--key", KEY)
+    for step in ("submit", "upload"):
+        error = seen[step]["error"]
+        assert (error["status"], error["isApiError"]) == (507, True), seen
+        assert "disk" in error["message"] and "full" in error["message"], seen
+    assert [call["status"] for call in seen["calls"]] == [507, 507], seen  # one call each: neither retried
+    assert seen["elapsedMs"] < 5000, seen
+
+
 def ready(server: LiveServer) -> httpx.Response:
     return httpx.get(f"{server.url}/health/ready")
 
@@ -95,9 +114,9 @@ def answer(server: LiveServer, request_id: str) -> tuple[int, Any]:
     return response.status_code, response.json()
 
 
-def state(server: LiveServer, request_id: str) -> str:
+def status(server: LiveServer, request_id: str) -> dict[str, Any]:
     url = fal_wire.request_url(server.url, APP, request_id, "/status")
-    return httpx.get(url, headers={"Authorization": f"Key {KEY}"}).json()["status"]
+    return httpx.get(url, params={"logs": "1"}, headers={"Authorization": f"Key {KEY}"}).json()
 
 
 def job_count(server: LiveServer) -> int:
@@ -121,7 +140,11 @@ def check_restart(make: Callable[[], LiveServer], seen: dict[str, tuple[int, Any
 
 
 def test_a_full_disk_refuses_new_work_and_finishes_what_it_took(
-    tmpfs: Callable[[str, int], Path], make_server: Callable[..., LiveServer], engine: Any, client: Callable
+    tmpfs: Callable[[str, int], Path],
+    make_server: Callable[..., LiveServer],
+    engine: Any,
+    client: Callable,
+    tmp_path: Path,
 ) -> None:
     disk = tmpfs("data", 8192)
     gate = GatedEngine(engine)
@@ -144,23 +167,27 @@ def test_a_full_disk_refuses_new_work_and_finishes_what_it_took(
     refused(lambda: fal.submit(APP, fal_wire.inpaint_input()))
     refused(lambda: fal.run(APP, fal_wire.inpaint_input()))
     refused(lambda: fal.upload(PNG, "image/png", "in.png"))  # fal's CDN flow, then its fallback (initiate + PUT)
+    js_client_refused(server, tmp_path)
     assert (job_count(server), upload_count(server), listing(disk)) == (jobs, uploads, written)
 
     gate.hold = False
     gate.release.set()  # the running request's images find no space; the GPU takes no new batch
     time.sleep(0.5)
-    assert state(server, queued) == "IN_QUEUE"
+    assert status(server, queued)["status"] == "IN_QUEUE"
     assert ready(server).status_code == 503
 
     filler.unlink()
     wait_ready(server, 200)
     for request_id in (running, queued):  # finished without a restart: with their images, or failed clearly
         code, body = seen[request_id] = answer(server, request_id)
+        logs = [(line["level"], line["message"]) for line in status(server, request_id)["logs"]]
         if request_id == queued or code == 200:
             [image] = body["images"]
             assert httpx.get(image["url"]).status_code == 200
+            assert [m for _, m in logs if m.startswith("Done in")] and not [m for lv, m in logs if lv == "ERROR"]
         else:
             assert (code, body["error_type"]) == (507, "insufficient_storage"), body
+        assert len([m for _, m in logs if m.startswith("Done in") or "disk is full" in m]) == 1, logs  # one outcome
     server.stop()
     check_restart(lambda: make_server(engine_override=engine, **settings), seen)
 
