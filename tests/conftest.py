@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,31 +45,20 @@ def postgres() -> Iterator[object]:
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, int], Path]]:
-    """``tmpfs(name, kib)``: a tmpfs of that size mounted at ``tmp_path/name`` (unmounted at the end). Skipped where
-    mounting is not permitted, unless ``INPAINT_REQUIRE_CONTAINER=1`` (CI, which has the privileges)."""
+    """``tmpfs(name, kib)``: a tmpfs of that size mounted at ``tmp_path/name``, unmounted at the end (see
+    :func:`tests.disk.mount_tmpfs` for where it is skipped)."""
+    from tests.disk import mount_tmpfs, unmount
+
     mounted: list[Path] = []
 
     def mount(name: str, kib: int) -> Path:
-        path = tmp_path / name
-        path.mkdir()
-        try:
-            done = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True, text=True
-            )
-            reason = (done.stderr.strip() or f"mount exited with {done.returncode}") if done.returncode else ""
-        except FileNotFoundError:
-            reason = "there is no mount command"
-        if reason:
-            message = f"mounting a tmpfs needs root with CAP_SYS_ADMIN: {reason}"
-            if os.environ.get("INPAINT_REQUIRE_CONTAINER") == "1":
-                pytest.fail(message)
-            pytest.skip(message)
-        mounted.append(path)
-        return path
+        mount_tmpfs(tmp_path / name, kib)
+        mounted.append(tmp_path / name)
+        return tmp_path / name
 
     yield mount
     for path in reversed(mounted):
-        subprocess.run(["umount", "-l", str(path)], check=False)
+        unmount(path)
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,12 @@ class Node:
         return max(self.lease_s / 3, 0.2)
 
     def register(self) -> None:
-        self.store.register_node(self.current())
+        """Write this node's row at start. While the store cannot take it (its disk is full, say), the node starts
+        anyway and its heartbeat writes the row once it can."""
+        try:
+            self.store.register_node(self.current())
+        except StoreUnavailable as exc:
+            log.warning("node %s not registered yet (its heartbeat will): %s", self.id, exc)
 
     def beat(self) -> None:
         """Write the heartbeat now (a node whose row was removed as dead writes it again: it is alive)."""

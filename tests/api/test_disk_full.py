@@ -13,7 +13,6 @@ Both end with a restart: every request answers what clients saw before it.
 
 from __future__ import annotations
 
-import errno
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 import server.disk_space
 from tests.api import fal_wire
 from tests.compat.test_node_clients import NODE, NODE_DIR, run_node
+from tests.disk import fill
 from tests.helpers import noise_image, png
 from tests.live import GatedEngine, LiveServer
 
@@ -48,19 +48,6 @@ def client(monkeypatch: pytest.MonkeyPatch) -> Callable[[LiveServer], fal_client
 
     monkeypatch.setattr(server.disk_space, "CHECK_EVERY_S", 0.1)
     return point
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until the disk has no byte left."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as fh:
-        for block in (1 << 16, 1 << 12):
-            try:
-                while fh.write(b"\0" * block):
-                    pass
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    return filler
 
 
 def refused(call: Callable[[], Any]) -> fal_client.client.FalClientHTTPError:

@@ -1,5 +1,5 @@
 """When a disk counts as full (server.disk_space), on a tmpfs of its own: below the reserve, and after a write
-that found no space until space is freed or a while has passed."""
+that found no space until space is freed or a while has passed; and a server started on a full disk."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from server import cli
 from server.disk_space import FAILURE_HOLD_S, FILES, STORE, DiskSpace
 from server.http.errors import InsufficientStorage
+from server.jobs.store import SqliteStore, StoreFull
+from tests.disk import fill
 
 
 def test_less_free_than_the_reserve_is_full_and_refuses_writes(tmpfs: Callable[[str, int], Path]) -> None:
@@ -45,3 +48,19 @@ def test_a_write_that_found_no_space_counts_until_space_is_freed_or_a_while_pass
     (files_disk / "filler").unlink()
     space.refresh()
     assert space.problem is None  # space was freed
+
+
+def test_a_server_started_on_a_full_disk_exits_3_saying_so(
+    tmpfs: Callable[[str, int], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite cannot open its WAL files without space: ``serve`` stops at once with the reason, for its supervisor to
+    start it again (a running server, which has them open, waits for space instead)."""
+    disk = tmpfs("data", 1024)
+    SqliteStore(disk / "jobs.sqlite3").close()
+    fill(disk)
+    with pytest.raises(StoreFull, match=r"is full .* cannot be opened"):
+        SqliteStore(disk / "jobs.sqlite3")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["serve", "--data-dir", str(disk), "--workers", "0"])  # an API node: no model libraries
+    assert stopped.value.code == 3
+    assert "the disk of the job store" in capsys.readouterr().err
