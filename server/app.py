@@ -29,10 +29,19 @@ from pipelines.specs import load_serving_spec
 from . import __version__
 from .delivery.file_store import FilesUnavailable, file_response
 from .delivery.webhooks import WebhookSender, WebhookSigner, new_key_pem
+from .disk_space import watch_disks
 from .http.access_tokens import AccessTokens
 from .http.auth import Auth, KeyAuth
 from .http.docs import add_offline_docs
-from .http.errors import ERROR_TYPE_HEADER, ApiError, FilesDown, NotFound, StoreDown, error_response
+from .http.errors import (
+    ERROR_TYPE_HEADER,
+    ApiError,
+    FilesDown,
+    InsufficientStorage,
+    NotFound,
+    StoreDown,
+    error_response,
+)
 from .http.fal_routes import fal_router
 from .http.health import add_health_routes, engine_readiness
 from .http.limits import BodyLimit
@@ -43,7 +52,7 @@ from .http.upload_routes import UploadTokens, storage_router
 from .inputs.url_guard import FetchGuard, HostResolver, resolve_host
 from .jobs.nodes import Node
 from .jobs.service import JobService
-from .jobs.store import JobStore, StoreUnavailable
+from .jobs.store import JobStore, StoreFull, StoreUnavailable
 from .jobs.store.base import NodeRow, this_host
 from .jobs.supervisor import WorkerSupervisor
 from .metrics import Metrics
@@ -112,6 +121,7 @@ def create_app(
     apps = list(spec.apps.values())
     data_dir = settings.data_dir
     store, files = open_stores(settings)
+    disk = watch_disks(store, files, settings.disk_reserve_bytes)
     metrics = Metrics()
     auth = Auth(KeyAuth(settings.api_keys), AccessTokens(store.shared_key("access-tokens", _new_key)), clock)
     fetch_guard = FetchGuard(
@@ -136,13 +146,13 @@ def create_app(
     host = worker = supervisor = lane = None
     if embedded:
         lane = build_gpu_lane(
-            settings, store, files, metrics, node, clock, fetch_guard, engine, engine_loader, exit_process
+            settings, store, files, metrics, node, clock, fetch_guard, engine, engine_loader, exit_process, disk
         )
         host, worker = lane.host, lane.worker
         node.row.device = settings.device
     elif settings.workers != 0:
         supervisor = WorkerSupervisor(settings, node.row.name)
-    service = JobService(settings, store, files, metrics, webhooks, node, clock, fetch_guard, worker, host)
+    service = JobService(settings, store, files, metrics, webhooks, node, clock, fetch_guard, worker, host, disk)
     if lane is not None:
         lane.leases.on_terminal = service.terminal_written
         node.state_of = lambda: "draining" if service.draining else host.state
@@ -161,6 +171,7 @@ def create_app(
         await service.start()
         webhooks.start()
         heartbeat = asyncio.create_task(node.run(), name="heartbeat")
+        disk_watch = asyncio.create_task(disk.run(), name="disk-space")
         if supervisor is not None:
             supervisor.start()
         await _prime_routes(app)
@@ -174,6 +185,7 @@ def create_app(
             await service.stop()
             await webhooks.stop()
             heartbeat.cancel()
+            disk_watch.cancel()
             node.deregister()
             store.close()
             files.close()
@@ -235,7 +247,15 @@ def create_app(
     tokens = UploadTokens(store.shared_key("upload-tokens", lambda: _legacy_key(data_dir / "upload-secret.key")))
     app.include_router(
         storage_router(
-            store, files, tokens, owner_of, base_url_of, settings.upload_max_bytes, settings.result_retention_s, clock
+            store,
+            files,
+            tokens,
+            owner_of,
+            base_url_of,
+            settings.upload_max_bytes,
+            settings.result_retention_s,
+            clock,
+            disk,
         )
     )
     app.include_router(
@@ -282,6 +302,8 @@ def readiness(service: JobService) -> tuple[int, dict[str, Any]]:
         workers = _workers(service)
     except StoreUnavailable as exc:
         return 503, {"status": "store_unavailable", "detail": public_message(str(exc))}
+    if service.disk is not None and service.disk.problem is not None:
+        return 503, {"status": "insufficient_storage", "detail": service.disk.problem, "workers": workers}
     body: dict[str, Any] = {"status": "ready", "workers": workers}
     return engine_readiness(service.host, body) if service.host is not None else (200, body)
 
@@ -347,6 +369,11 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers={ERROR_TYPE_HEADER: kind},
         )
+
+    @app.exception_handler(StoreFull)
+    async def store_full(request: Request, exc: StoreFull) -> JSONResponse:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return InsufficientStorage(f"{public_message(str(exc))}; retry once space is freed").response()
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:

@@ -454,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "verbose", False))
     from pipelines.errors import ConfigError, EngineError, InputError, ModelFileError
 
+    from .jobs.store import StoreUnavailable
+
     if args.command == "models":  # generate quiets them once its model files are known to be there
         _quiet_model_libraries()
     handlers = {"generate": cmd_generate, "download": cmd_download, "serve": cmd_serve, "worker": cmd_worker}
@@ -468,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         _fail(str(exc), 1)
     except EngineError as exc:
         _fail(f"{exc.error_type}: {exc}", 1)
+    except StoreUnavailable as exc:  # at start: PostgreSQL out of reach, or the disk of the SQLite store full
+        _fail(str(exc), 3)
 
 
 if __name__ == "__main__":

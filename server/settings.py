@@ -197,6 +197,14 @@ class Settings(BaseSettings):
         description="How often expired requests, files and uploads are deleted. They answer 404 from the moment they "
         "expire; this bounds how long their bytes stay on disk after that.",
     )
+    disk_reserve_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="While less than this is free on the disk of the job store (SQLite) or of the files, submits and "
+        "uploads get 507 insufficient_storage, /health/ready is 503 and no new batch starts, so the requests already "
+        "running can still save their results; it all resumes by itself once space is freed. 0: only writes that "
+        "fail for lack of space count.",
+    )
     max_attempts: int = Field(
         2, ge=1, le=10, description="Runs a job gets when restarts interrupt it; then it fails with 'interrupted'."
     )

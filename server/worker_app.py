@@ -25,6 +25,7 @@ from fastapi import FastAPI
 
 from . import __version__
 from .delivery.file_store import FileStore, open_files
+from .disk_space import DiskSpace, watch_disks
 from .http.docs import add_offline_docs
 from .http.health import add_health_routes, engine_readiness
 from .inputs.input_fetch import InputFetcher
@@ -63,9 +64,11 @@ def build_gpu_lane(
     engine: Any = None,
     engine_loader: Callable[[], Any] | None = None,
     exit_process: Callable[[int], None] | None = None,
+    disk: DiskSpace | None = None,
 ) -> GpuLane:
     """The GPU worker of a node (a worker process, or the embedded default's API process), holding leases as
-    ``node``; the engine is ``engine``, or built by ``engine_loader`` (default: from the settings)."""
+    ``node``; the engine is ``engine``, or built by ``engine_loader`` (default: from the settings). While ``disk``
+    says a disk is full, it starts no new batch."""
     if engine is None and engine_loader is None:
         engine_loader = default_loader(settings)
     host = EngineHost(engine=engine, loader=engine_loader, warmup=settings.warmup, warmup_sizes=settings.warmup_sizes)
@@ -78,7 +81,7 @@ def build_gpu_lane(
         retry_base_s=settings.fetch_retry_base_s,
     )
     leases = Leases(store, node.id, settings.lease_s, settings.result_retention_s, clock, metrics)
-    worker = GpuWorker(leases, host, fetcher, files, settings, metrics, exit_process)
+    worker = GpuWorker(leases, host, fetcher, files, settings, metrics, exit_process, disk)
     node.stats = worker.stats.as_dict
     return GpuLane(host, fetcher, leases, worker)
 
@@ -107,6 +110,7 @@ def create_worker_app(
 ) -> FastAPI:
     """A worker process's app: the GPU lane in its lifespan, health and metrics as routes."""
     store, files = open_stores(settings)
+    disk = watch_disks(store, files, settings.disk_reserve_bytes)
     metrics = Metrics()
     from pipelines.serving import pick_device  # a worker process imports torch anyway
 
@@ -116,7 +120,9 @@ def create_worker_app(
     guard = FetchGuard(
         settings.fetch_allow, fetch_resolver or resolve_host, resolve_timeout_s=settings.fetch_connect_timeout_s
     )
-    parts = build_gpu_lane(settings, store, files, metrics, node, clock, guard, engine, engine_loader, exit_process)
+    parts = build_gpu_lane(
+        settings, store, files, metrics, node, clock, guard, engine, engine_loader, exit_process, disk
+    )
     host, fetcher, worker = parts.host, parts.fetcher, parts.worker
     node.state_of = lambda: "draining" if worker.draining else host.state
 
@@ -126,6 +132,7 @@ def create_worker_app(
         node.register()
         worker.start()
         heartbeat = asyncio.create_task(node.run(), name="heartbeat")
+        disk_watch = asyncio.create_task(disk.run(), name="disk-space")
         log.info("worker %s (device %s) attached to the job store", node.id, device or "auto")
         try:
             yield
@@ -133,6 +140,7 @@ def create_worker_app(
             host.stop()
             await worker.stop()
             heartbeat.cancel()
+            disk_watch.cancel()
             await fetcher.close()
             node.deregister()
             store.close()
@@ -167,6 +175,8 @@ def create_worker_app(
             store.ping()
         except StoreUnavailable as exc:
             return 503, {**body, "status": "store_unavailable", "detail": public_message(str(exc))}
+        if disk.problem is not None:
+            return 503, {**body, "status": "insufficient_storage", "detail": disk.problem}
         return engine_readiness(host, body)
 
     add_health_routes(app, readiness, metrics)

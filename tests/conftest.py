@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +41,24 @@ def postgres() -> Iterator[object]:
     server = PostgresServer().start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, int], Path]]:
+    """``tmpfs(name, kib)``: a tmpfs of that size mounted at ``tmp_path/name``, unmounted at the end (see
+    :func:`tests.disk.mount_tmpfs` for where it is skipped)."""
+    from tests.disk import mount_tmpfs, unmount
+
+    mounted: list[Path] = []
+
+    def mount(name: str, kib: int) -> Path:
+        mount_tmpfs(tmp_path / name, kib)
+        mounted.append(tmp_path / name)
+        return tmp_path / name
+
+    yield mount
+    for path in reversed(mounted):
+        unmount(path)
 
 
 @pytest.fixture(scope="session")

@@ -107,8 +107,12 @@ class UploadSpool:
         return result
 
     def close(self) -> None:
-        self.file.close()
-        if not self._committed and self._discard is not None:
+        if self._committed:
+            self.file.close()
+            return
+        with contextlib.suppress(OSError):  # bytes still buffered for a file that goes anyway (a full disk)
+            self.file.close()
+        if self._discard is not None:
             self._discard()
 
 

@@ -16,9 +16,10 @@ log = logging.getLogger("inpaint-server.jobs")
 
 def encode_output(job: Job, result: Any, files: FileStore) -> dict[str, Any]:
     """fal's output JSON for an engine result. Files are written under the data dir, or (``sync_mode``)
-    the images are inlined as data URIs and nothing touches the disk. Runs off the event loop."""
+    the images are inlined as data URIs and nothing touches the disk. Runs off the event loop. A write that
+    fails (``OSError``: a full disk) is raised; the files written before it stay, for the caller to remove."""
     fmt = job.input.get("format", "jpeg")
-    images = []
+    images, names = [], []
     for k, image in enumerate(result.images):
         data = encode_image(image, fmt)
         name = f"{k}.{fmt}"
@@ -26,7 +27,7 @@ def encode_output(job: Job, result: Any, files: FileStore) -> dict[str, Any]:
             url = f"data:{CONTENT_TYPES[fmt]};base64,{base64.b64encode(data).decode()}"
         else:
             files.write_result(job.id, name, data)
-            job.files.append(name)
+            names.append(name)
             url = f"{job.base_url}/files/{job.id}/{name}"
         images.append(
             {
@@ -38,6 +39,7 @@ def encode_output(job: Job, result: Any, files: FileStore) -> dict[str, Any]:
                 "height": image.height,
             }
         )
+    job.files = names  # once every file is written (a second try after a full disk writes them all again)
     return {
         "images": images,
         "timings": result.timings,

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..inputs.url_guard import FetchGuard, GuardedTransport
-from ..jobs.store.base import JobStore, WebhookRow
+from ..jobs.store.base import JobStore, StoreUnavailable, WebhookRow
 from ..metrics import Metrics
 
 log = logging.getLogger("inpaint-server.webhooks")
@@ -199,6 +199,9 @@ class WebhookSender:
                     if row.request_id not in self._inflight:
                         self._inflight[row.request_id] = asyncio.create_task(self._deliver(row))
                 nxt = self.store.next_webhook_at()
+            except StoreUnavailable as exc:  # down, or its disk full: due webhooks wait for it
+                log.warning("webhook outbox scan waits for the job store: %s", exc)
+                nxt = None
             except Exception:  # keep delivering after a transient store error
                 log.exception("webhook outbox scan failed")
                 nxt = None

@@ -26,6 +26,7 @@ STATUS_FOR_ERROR_TYPE = {
     "draining": 503,
     "interrupted": 500,
     "nan_output": 500,
+    "insufficient_storage": 507,  # the result could not be written: the disk was full
     "gpu_oom": 500,  # not 503/504: clients retry those, and the same request would run out of memory again
     "engine_error": 500,
     "engine_unavailable": 500,
@@ -177,6 +178,15 @@ class FilesDown(RetryLater):
 
     error_type = "files_unavailable"
     default_detail = "the file store is unavailable for a moment; retry shortly"
+
+
+class InsufficientStorage(ApiError):
+    """507: the disk is full, so nothing can be stored (a job, an upload). Not 503: the JS client would retry it
+    for seconds and then fail anyway (freeing space takes an operator), and the Python client would not; 507 is
+    retried by neither, so every client shows this message at once."""
+
+    status = 507
+    error_type = "insufficient_storage"
 
 
 class IdempotencyKeyReused(ApiError):

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from ..delivery.file_store import StoredPart
+from ..disk_space import is_disk_full
 from ..jobs.store.base import UploadRow
 from .errors import BadRequest, NotFound, PayloadTooLarge
 from .openapi_responses import FILES_UPLOAD, UPLOAD_INITIATE
@@ -82,14 +83,19 @@ def add_multipart_routes(
     async def put_part(token: str, name: str, upload_id: str, part: str, request: Request) -> JSONResponse:
         number = _part_number(part)
         row = unfinished(token, name, upload_id)
+        uploads.check_disk()
         ref = str(row.parts_ref)
         stored = await asyncio.to_thread(files.list_parts, token, ref)
         room = uploads.max_bytes - sum(p.size for n, p in stored.items() if n != number)
         try:
             spool = await asyncio.to_thread(files.spool_part, token, ref, number)
-            size, etag = await uploads.receive(request, spool, room, "")
+            size, etag = await uploads.receive(request, token, spool, room, "")
         except FileNotFoundError:
             raise NotFound("no such upload") from None
+        except OSError as exc:  # no room for the part's spool file
+            if not is_disk_full(exc):
+                raise
+            raise uploads.no_space(token, exc) from None
         except PayloadTooLarge:
             await discard(row)
             raise PayloadTooLarge(
@@ -122,7 +128,7 @@ def add_multipart_routes(
         except BaseException:
             store.release_upload(token)  # fix the parts and complete again
             raise
-        uploads.stored(row, total)
+        await uploads.stored(row, total)
         return {"access_url": url, "file_url": url, "size": total}
 
 

@@ -85,12 +85,14 @@ TOO_LARGE = {413: _error("The body is over the size limit.")}
 TOO_MANY = {429: _error("Over the rate limit, or the queue is full; retry after Retry-After.", headers=_RETRY_AFTER)}
 UNAVAILABLE = {500: _error("The models failed to load; see /health/ready and the server log.")}
 DRAINING = {503: _error("The server is shutting down; retry after Retry-After.", headers=_RETRY_AFTER)}
+DISK_FULL = {507: _error("The server's disk is full: nothing was stored; retry once space is freed.")}
 # What a finished request answers at its result URL (or a sync run answers) when it did not succeed.
 JOB_FAILED = {
     499: _error("The request was cancelled."),
     500: _error("The request failed (engine error, interrupted, ...)."),
     503: _error("A sync run the server could not start because it is shutting down; retry it.", headers=_RETRY_AFTER),
     504: _error("The request did not start before its X-Fal-Request-Timeout."),
+    507: _error("The request's images could not be saved: the server's disk was full."),
 }
 
 SUBMIT = {
@@ -102,6 +104,7 @@ SUBMIT = {
     **TOO_MANY,
     **UNAVAILABLE,
     **DRAINING,
+    **DISK_FULL,
 }
 RUN = {
     **BAD_REQUEST,
@@ -113,6 +116,7 @@ RUN = {
     **JOB_FAILED,
 }
 RUN[500] = _error("The request failed, or the models failed to load.")
+RUN[507] = _error("The server's disk is full (nothing was stored), or this request's images could not be saved.")
 STATUS = {
     200: {"model": QueueStatus, "description": "Completed (successfully or not)."},
     202: {"model": QueueStatus, "description": "In queue or in progress."},
@@ -144,18 +148,31 @@ CANCEL = {
 
 
 class HealthBody(BaseModel):
-    status: str = Field(description="ready, loading, warming, failed or draining.")
+    status: str = Field(
+        description="ready, loading, warming, failed, draining, store_unavailable or insufficient_storage."
+    )
     detail: str | None = None
 
 
-READY = {503: {"model": HealthBody, "description": "Not ready: loading, warming, failed, or draining (shutting down)."}}
+READY = {
+    503: {
+        "model": HealthBody,
+        "description": "Not ready: loading, warming, failed, draining (shutting down), store_unavailable or "
+        "insufficient_storage (a disk is full).",
+    }
+}
 JWKS = {404: _error("Webhook signing is off.")}
-UPLOAD_INITIATE = {400: _error("Not a JSON object, or a content type uploads do not accept."), **UNAUTHORIZED}
+UPLOAD_INITIATE = {
+    400: _error("Not a JSON object, or a content type uploads do not accept."),
+    **UNAUTHORIZED,
+    **DISK_FULL,
+}
 UPLOAD_TOKEN = {**UNAUTHORIZED}
 FILES_UPLOAD = {
     400: _error("A content type uploads do not accept."),
     401: _error("Missing or expired upload token."),
     **TOO_LARGE,
+    **DISK_FULL,
 }
 TOKENS = {
     200: {

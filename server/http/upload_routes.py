@@ -9,7 +9,8 @@
 * Large files, in parts: :mod:`.multipart_routes`.
 
 Uploaded files are served at ``GET /uploads/<token>/<name>``. They expire the result retention after they
-were stored, or sooner when the upload asked for it (``X-Fal-Object-Lifecycle``: :mod:`.lifecycle`).
+were stored, or sooner when the upload asked for it (``X-Fal-Object-Lifecycle``: :mod:`.lifecycle`). While a
+disk is full (:mod:`server.disk_space`), uploads get 507 ``insufficient_storage`` and leave nothing behind.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import mimetypes
 import secrets
 from collections.abc import Callable
@@ -31,10 +33,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from ..delivery.file_store import FileStore, UploadSpool, file_response, safe_name
-from ..jobs.store.base import JobStore, UploadRow
-from .errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from ..disk_space import DiskSpace, is_disk_full
+from ..jobs.store.base import JobStore, StoreUnavailable, UploadRow
+from .errors import BadRequest, InsufficientStorage, NotFound, PayloadTooLarge, Unauthorized
 from .lifecycle import UPLOAD_HEADERS, requested_lifetime, shorter_than_retention
 from .openapi_responses import FILES_UPLOAD, UPLOAD_INITIATE, UPLOAD_TOKEN
+
+log = logging.getLogger("inpaint-server.uploads")
 
 TOKEN_TTL_S = 3600
 # Raster images (inputs) and octet-stream (textual-inversion safetensors). No SVG or HTML: uploads are
@@ -81,18 +86,54 @@ class Uploads:
     """What every upload route does: reserve an upload, take its bytes under a cap, mark it stored."""
 
     def __init__(
-        self, store: JobStore, files: FileStore, clock: Callable[[], float], max_bytes: int, retention_s: float
+        self,
+        store: JobStore,
+        files: FileStore,
+        clock: Callable[[], float],
+        max_bytes: int,
+        retention_s: float,
+        disk: DiskSpace | None = None,
     ) -> None:
         self.store = store
         self.files = files
         self.clock = clock
         self.max_bytes = max_bytes
         self.retention_s = retention_s
+        self.disk = disk
+
+    def check_disk(self) -> None:
+        """507 while a disk is full (:mod:`server.disk_space`), before anything is written."""
+        if self.disk is not None:
+            self.disk.check()
+
+    def no_space(self, token: str, exc: OSError) -> InsufficientStorage:
+        """A write of an upload found the disk full (what it wrote is gone by now)."""
+        if self.disk is not None:
+            self.disk.failed_files()
+        log.error("upload %s... not stored: %s", token[:8], exc)
+        return InsufficientStorage("the server's disk is full: the upload was not stored; retry once space is freed")
+
+    def spool(self, token: str) -> UploadSpool:
+        """Where a whole upload's bytes go until committed; 507 when the disk has no room for it."""
+        try:
+            return self.files.spool_upload(token)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise self.no_space(token, exc) from None
+            raise
+
+    def release(self, token: str) -> None:
+        """Let the upload URL take another PUT (the last one failed)."""
+        try:
+            self.store.release_upload(token)
+        except StoreUnavailable as exc:  # the client starts again from initiate (a new URL) anyway
+            log.warning("upload %s... not released for another PUT: %s", token[:8], exc)
 
     async def reserve(
         self, request: Request, owner: str, file_name: str, content_type: str, multipart: bool = False
     ) -> UploadRow:
         """A new upload (in parts when ``multipart``), with the lifecycle the request asks for."""
+        self.check_disk()
         lifetime = shorter_than_retention(requested_lifetime(request.headers, UPLOAD_HEADERS), self.retention_s)
         token = secrets.token_urlsafe(24)
         multipart_id = parts_ref = None
@@ -121,7 +162,9 @@ class Uploads:
             raise
         return row
 
-    async def receive(self, request: Request, spool: UploadSpool, room: int, too_large: str) -> tuple[int, str | None]:
+    async def receive(
+        self, request: Request, token: str, spool: UploadSpool, room: int, too_large: str
+    ) -> tuple[int, str | None]:
         """Stream the body into ``spool`` and commit it: (its size, what the store said of it). ``room`` bytes at
         most (413 with ``too_large`` past it, nothing kept)."""
         declared = request.headers.get("content-length")
@@ -138,14 +181,25 @@ class Uploads:
             except ClientDisconnect:
                 raise BadRequest("the client disconnected before the upload finished") from None
             said = await asyncio.to_thread(spool.commit)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            full = exc
+        else:
+            return size, said
         finally:
-            spool.close()
-        return size, said
+            spool.close()  # an upload not committed is removed
+        raise self.no_space(token, full) from None
 
-    def stored(self, row: UploadRow, size: int) -> None:
-        """The upload's bytes are stored: it is served from now on, until its lifetime ends."""
+    async def stored(self, row: UploadRow, size: int) -> None:
+        """The upload's bytes are stored: it is served from now on, until its lifetime ends. If the store cannot
+        record it, its file is removed (the client sees the error and uploads again)."""
         lifetime = row.lifetime_s if row.lifetime_s is not None else self.retention_s
-        self.store.set_upload_size(row.token, size, self.clock() + lifetime)
+        try:
+            self.store.set_upload_size(row.token, size, self.clock() + lifetime)
+        except StoreUnavailable:
+            await asyncio.to_thread(self.files.delete_upload, row.token)
+            raise
 
     def live(self, token: str, name: str) -> UploadRow:
         """The unexpired upload ``token`` named ``name``; 404 for anything else."""
@@ -205,15 +259,16 @@ def storage_router(
     max_bytes: int,
     retention_s: float,
     clock: Callable[[], float],
+    disk: DiskSpace | None = None,
 ) -> APIRouter:
     from .multipart_routes import add_multipart_routes  # it builds on this module's helpers
 
     router = APIRouter(tags=["storage"])
-    uploads = Uploads(store, files, clock, max_bytes, retention_s)
+    uploads = Uploads(store, files, clock, max_bytes, retention_s, disk)
 
     async def receive_whole(request: Request, row: UploadRow) -> int:
-        spool = files.spool_upload(row.token)
-        size, _ = await uploads.receive(request, spool, max_bytes, uploads.limit_message())
+        spool = uploads.spool(row.token)
+        size, _ = await uploads.receive(request, row.token, spool, max_bytes, uploads.limit_message())
         return size
 
     @router.post("/storage/upload/initiate", responses=UPLOAD_INITIATE)
@@ -229,14 +284,15 @@ def storage_router(
         row = uploads.live(token, name)
         if row.multipart_id is not None:
             raise BadRequest("this upload takes its bytes in parts (PUT .../multipart/<id>/<n>)")
+        uploads.check_disk()
         if not store.claim_upload(token):  # one PUT per upload URL, even when two race
             raise BadRequest("this upload URL has already been used")
         try:
             size = await receive_whole(request, row)
+            await uploads.stored(row, size)
         except BaseException:
-            store.release_upload(token)  # a failed PUT may be retried
+            uploads.release(token)  # a failed PUT may be retried
             raise
-        uploads.stored(row, size)
         return {"file_url": str(request.url), "size": size}
 
     @router.post("/storage/auth/token", responses=UPLOAD_TOKEN)
@@ -255,7 +311,12 @@ def storage_router(
         content_type = content_type_of(request.headers.get("content-type"))
         name = request.headers.get("x-fal-file-name") or "upload"
         row = await uploads.reserve(request, owner, name, content_type)
-        uploads.stored(row, await receive_whole(request, row))
+        try:
+            await uploads.stored(row, await receive_whole(request, row))
+        except BaseException:
+            with contextlib.suppress(StoreUnavailable):  # else it expires unused, like any reservation
+                store.delete_uploads([row.token])
+            raise
         return JSONResponse({"access_url": file_url(base_url_of(request), row)})
 
     add_multipart_routes(router, uploads, tokens, owner_of, base_url_of)

@@ -8,9 +8,10 @@ provably ended: see :meth:`~.store.JobStore.dead_nodes`), and API nodes export t
 The :class:`Sweeper` takes back what gone nodes held: a running job whose holder is gone, or whose lease
 ran out more than ``lease_s`` ago (a live worker renews every ``lease_s / 3``), runs again with its seed
 (or fails ``interrupted`` after ``max_attempts``, or at once when it was sent with ``x-fal-no-retry``), a
-sync run whose caller's node is gone fails (nobody would read its answer), and a queued job past its start
-deadline fails ``request_timeout``. Every write is a compare-and-set, so any number of API nodes may sweep at
-once.
+sync run whose caller's node is gone fails (nobody would read its answer), a queued job past its start
+deadline fails ``request_timeout``, and a queued job flagged cancelled whose cancel was not finished (a full
+disk between the two writes) is cancelled. Every write is a compare-and-set, so any number of API nodes may
+sweep at once.
 
 Heartbeats are only judged once the sweeper has seen the store answer for ``lease_s`` without a gap: after a
 store outage (or a stall of this process) every node's heartbeat is late, and none of them is dead for that.
@@ -84,7 +85,12 @@ class Node:
         return max(self.lease_s / 3, 0.2)
 
     def register(self) -> None:
-        self.store.register_node(self.current())
+        """Write this node's row at start. While the store cannot take it (its disk is full, say), the node starts
+        anyway and its heartbeat writes the row once it can."""
+        try:
+            self.store.register_node(self.current())
+        except StoreUnavailable as exc:
+            log.warning("node %s not registered yet (its heartbeat will): %s", self.id, exc)
 
     def beat(self) -> None:
         """Write the heartbeat now (a node whose row was removed as dead writes it again: it is alive)."""
@@ -166,6 +172,8 @@ class Sweeper:
                 changed += self._orphaned_sync(job_id, now)
         if claimants & dead and self.store.release_webhooks(claimants & dead):
             self.on_webhooks()
+        for job in self.store.cancelled_queued():  # no worker takes them; only this finishes them
+            changed += self.fail(job, "cancelled", "the request was cancelled before it started", now)
         changed += self.overdue(now)
         self._forget_nodes(now, dead)
         return changed

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..delivery.file_store import FileStore
 from ..delivery.webhooks import WebhookSender
+from ..disk_space import DiskSpace
 from ..http.errors import AlreadyCompleted, Draining, EngineUnavailable, IdempotencyKeyReused, NotFound
 from ..http.lifecycle import shorter_than_retention
 from ..http.limits import RequestLimits
@@ -64,8 +65,10 @@ class JobService:
         fetch_guard: FetchGuard | None = None,
         worker: GpuWorker | None = None,
         host: EngineHost | None = None,
+        disk: DiskSpace | None = None,
     ) -> None:
         self.settings = settings
+        self.disk = disk  # while a disk is full, submits are refused (507) before anything is written
         self.store = store
         self.files = files
         self.metrics = metrics
@@ -141,6 +144,8 @@ class JobService:
             raise Draining(DRAINING_SYNC)
         if self.host is not None and self.host.state == "failed" and self.worker is not None:
             raise EngineUnavailable(self.unavailable_message())
+        if self.disk is not None:
+            self.disk.check()
         # 422 / 413 / 429 before anything is stored
         rows = rows_of(payload)
         self.limits.check_input(payload)
@@ -243,7 +248,11 @@ class JobService:
     def release_inline(self, job: Job) -> None:
         """A sync run has returned its ``sync_mode`` output (data URIs) to its caller: the store keeps none."""
         if any(str(image.get("url", "")).startswith("data:") for image in (job.result or {}).get("images", [])):
-            self.store.clear_result(job.id)
+            try:
+                self.store.clear_result(job.id)
+            except StoreUnavailable as exc:  # its caller has the answer already; it stays until the retention ends
+                log.warning("request %s: its inline result is kept (%s)", job.id, exc)
+                return
             job.result = None
             self.finished.pop(job.id, None)
 
@@ -341,6 +350,8 @@ class JobService:
         while True:
             try:
                 await asyncio.to_thread(self.collect_garbage)  # file deletions (a bucket's too) off the event loop
+            except StoreUnavailable as exc:
+                log.warning("garbage collection waits for the job store: %s", exc)
             except Exception:
                 log.exception("garbage collection failed")
             await asyncio.sleep(self.settings.gc_interval_s)

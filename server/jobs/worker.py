@@ -27,6 +27,7 @@ from pipelines.serving import ServingEngine
 
 from ..delivery.file_store import FileStore
 from ..delivery.result_encoding import encode_output
+from ..disk_space import FILES, DiskSpace, is_disk_full
 from ..inputs.input_fetch import InputFetcher
 from ..metrics import Metrics
 from ..redact import public_message
@@ -44,6 +45,9 @@ log = logging.getLogger("inpaint-server.jobs")
 PROGRESS_FLUSH_S = 0.1  # running jobs' new log lines are written at most this often
 REFRESH_S = 1.0  # the head of the queue is read at least this often (start deadlines pass without a write)
 START_MESSAGE = "Starting inference ({n} request(s) in this batch)"
+DISK_FULL_MESSAGE = (
+    "the server's disk is full: the images of this request could not be saved; submit it again once space is freed"
+)
 
 
 class GpuWorker:
@@ -52,7 +56,8 @@ class GpuWorker:
     ``running`` is the batch on the GPU (request ids); ``held`` every job this worker holds a lease on (the
     batch, and finished jobs whose state is still being written); ``finalizers`` the tasks writing results;
     ``abandoned`` is set by :meth:`drain` when its grace period runs out. ``exit_process(status)`` ends the
-    process after a GPU fault (default ``os._exit``; tests record it).
+    process after a GPU fault (default ``os._exit``; tests record it). While ``disk`` says a disk is full, no new
+    batch starts (queued requests wait in the queue).
     """
 
     def __init__(
@@ -64,8 +69,11 @@ class GpuWorker:
         settings: Settings,
         metrics: Metrics,
         exit_process: Callable[[int], None] | None = None,
+        disk: DiskSpace | None = None,
     ) -> None:
         self.source = source
+        self.disk = disk
+        self._disk_full_logged = False
         self.host = host
         self.fetcher = fetcher
         self.files = files
@@ -167,7 +175,7 @@ class GpuWorker:
                 await asyncio.wait_for(self._changed.wait(), REFRESH_S)
 
     async def _run_next(self, engine: ServingEngine) -> None:
-        while not self.window or self.draining:
+        while not self.window or self.draining or self._disk_full():
             await self._next_window()
         head = self._next_head()
         task = self._ensure_prepared(engine, head)
@@ -182,7 +190,7 @@ class GpuWorker:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             changed.cancel()
-        if not task.done() or not self._queued(head.id) or self.draining:
+        if not task.done() or not self._queued(head.id) or self.draining or self._disk_full():
             return
         prep = task.result()
         if prep.error is not None:
@@ -196,6 +204,17 @@ class GpuWorker:
             if not self._queued(head.id) or self.draining:
                 return
         await self._run_batch(engine, batch)
+
+    def _disk_full(self) -> bool:
+        """Whether a disk this worker writes to is full: then it starts no batch whose results could not be saved."""
+        problem = self.disk.problem if self.disk is not None else None
+        if (problem is not None) != self._disk_full_logged:
+            self._disk_full_logged = problem is not None
+            if problem is not None:
+                log.warning("the GPU lane starts no new batch until space is freed: %s", problem)
+            else:
+                log.info("disk space is back: the GPU lane takes batches again")
+        return problem is not None
 
     async def _next_window(self) -> None:
         self._window_changed.clear()
@@ -363,8 +382,7 @@ class GpuWorker:
                 message = getattr(result.error, "message", None) or str(result.error)
                 await self._write(job, lambda: self.source.fail(job, result.error.error_type, message, field))
             else:
-                output = await asyncio.to_thread(encode_output, job, result, self.files)
-                await self._write(job, lambda: self.source.succeed(job, output, result.timings))
+                await self._save_output(job, result)
         except Exception:
             log.exception("finalizing request %s failed", job.id)
             if not job.state.is_terminal():
@@ -374,23 +392,57 @@ class GpuWorker:
             self._dirty.discard(job.id)
             self._lost.discard(job.id)
 
+    async def _save_output(self, job: Job, result: Any) -> None:
+        """Write a successful job's images, then its state. When the disk is full, the images are removed and the
+        job fails with ``insufficient_storage`` as soon as that can be saved; while the store cannot be written
+        either (a full disk under both), both are tried again, so once space is back it succeeds after all."""
+
+        async def outcome() -> Callable[[], bool]:
+            try:
+                output = await asyncio.to_thread(encode_output, job, result, self.files)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                await asyncio.to_thread(self.files.delete_results, job.id)  # nothing half-written stays
+                if self.disk is not None:
+                    self.disk.failed(FILES)
+                log.error("request %s: its images could not be written: %s", job.id, exc)
+                return lambda: self.source.fail(job, "insufficient_storage", DISK_FULL_MESSAGE)
+            return lambda: self.source.succeed(job, output, result.timings)
+
+        await self._save(job, outcome)
+
     async def _write(self, job: Job, write: Callable[[], bool]) -> None:
-        """Write a terminal state; while the store is down, keep it here and try again (the job stays held, so
-        its lease is renewed once the store is back). Until written, the store still says running: a crash
-        meanwhile runs the job again (same seed) rather than losing it."""
+        """Write a terminal state (see :meth:`_save`)."""
+
+        async def same() -> Callable[[], bool]:
+            return write
+
+        await self._save(job, same)
+
+    async def _save(self, job: Job, outcome: Callable[[], Any]) -> None:
+        """Write the terminal state ``await outcome()`` gives; while the store is down (or its disk full), keep it
+        here and try again, asking ``outcome`` again each time (the job stays held, so its lease is renewed once the
+        store is back). A failed try leaves the job as it was, so only one outcome is ever recorded in it. Until
+        written, the store still says running: a crash meanwhile runs the job again (same seed) rather than losing
+        it."""
         delay, retried = 0.5, False
         while True:
+            write = await outcome()
+            before = {**vars(job), "logs": list(job.logs), "files": list(job.files)}
             try:
                 write()
                 if retried:
                     log.info("request %s: its %s state is saved now that the store is back", job.id, job.state.value)
                 return
             except StoreUnavailable as exc:
+                state = job.state.value
+                vars(job).update(before)
                 if not retried:
                     log.warning(
                         "request %s %s, but the job store is unavailable; saving it later: %s",
                         job.id,
-                        job.state.value,
+                        state,
                         exc,
                     )
             if job.id in self._lost:

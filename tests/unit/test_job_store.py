@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from server.jobs.job import Job, JobState
+from server.jobs.nodes import Sweeper
 from server.jobs.store import open_store
 from server.jobs.store.base import JobStore, NodeRow, UploadRow, WebhookRow, process_start, this_host
 from server.jobs.store.sqlite import SqliteStore
@@ -541,3 +542,21 @@ def test_submitted_jobs_carry_the_batch_key_and_rows_the_claim_uses() -> None:
     with_ti = {**base, "embeddings": [{"path": "https://x/ti.safetensors"}]}
     assert batch_key_of(lightning, with_ti, "a") != batch_key_of(lightning, with_ti, "b")
     assert [rows_of(base), rows_of({}), rows_of({"num_images": "x"})] == [2, 1, 1]
+
+
+def test_a_cancel_left_half_done_is_finished_by_the_sweeper(opener: Opener) -> None:
+    """The cancel flag was written, the cancelled state was not (a full disk between the two writes): no worker
+    takes the job, so the sweeper cancels it."""
+    store = opener()
+    store.add(make_job("flagged", 1))
+    store.add(make_job("other", 2))
+    assert store.request_cancel("flagged")
+    assert [job.id for job in store.cancelled_queued()] == ["flagged"]
+    written: list[Job] = []
+    sweeper = Sweeper(store, 30.0, 2, 60.0, lambda: 2000.0, written.append)
+    assert sweeper.sweep() == 1
+    job = store.get("flagged")
+    assert (job.state, job.error_type, job.http_status) == (JobState.CANCELLED, "cancelled", 499)
+    assert job.expires_at == 2060.0
+    assert [job.id for job in written] == ["flagged"] and store.cancelled_queued() == []
+    assert store.get("other").state is JobState.QUEUED

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import JobStore, NodeRow, QueuedRef, StoreUnavailable, UploadRow, WebhookRow
+from .base import JobStore, NodeRow, QueuedRef, StoreFull, StoreUnavailable, UploadRow, WebhookRow
 from .sqlite import SqliteStore
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "NodeRow",
     "QueuedRef",
     "SqliteStore",
+    "StoreFull",
     "StoreUnavailable",
     "UploadRow",
     "WebhookRow",

@@ -298,6 +298,15 @@ class StoreUnavailable(RuntimeError):
     """The store cannot be reached (PostgreSQL restarting, a network cut): retry soon, nothing was written."""
 
 
+class StoreFull(StoreUnavailable):
+    """The store's disk is full (SQLite's ``SQLITE_FULL``, PostgreSQL's ``disk_full``): nothing was written.
+
+    A kind of :class:`StoreUnavailable`, so every loop that waits out an outage (a worker saving a result, lease
+    renewals, the sweeper, heartbeats) waits out a full disk too and goes on by itself once space is freed; the
+    API answers it with 507 ``insufficient_storage`` instead of a retryable 503.
+    """
+
+
 class Cursor(Protocol):
     rowcount: int
 
@@ -329,6 +338,8 @@ class JobStore(ABC):
     def __init__(self) -> None:
         self._listeners: list[Callable[[], None]] = []
         self._listeners_lock = threading.Lock()
+        # Called (from the writing thread) when a write finds the disk full, before StoreFull is raised.
+        self.on_full: Callable[[], None] = lambda: None
 
     @abstractmethod
     def _tx(self) -> AbstractContextManager[Db]:
@@ -548,6 +559,16 @@ class JobStore(ABC):
             rows = db.q(
                 f"SELECT {_SELECT_LIGHT} FROM jobs WHERE state = ? AND start_deadline <= ? ORDER BY seq LIMIT ?",
                 (_QUEUED, now, limit),
+            ).fetchall()
+        return [_job(r) for r in rows]
+
+    def cancelled_queued(self, limit: int = 100) -> list[Job]:
+        """Queued jobs flagged cancelled but not failed yet: a cancel whose second write did not go through (a full
+        disk, a store outage between the flag and the terminal state)."""
+        with self._read() as db:
+            rows = db.q(
+                f"SELECT {_SELECT_LIGHT} FROM jobs WHERE state = ? AND cancel_requested = 1 ORDER BY seq LIMIT ?",
+                (_QUEUED, limit),
             ).fetchall()
         return [_job(r) for r in rows]
 

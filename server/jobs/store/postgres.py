@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from .base import Db, JobStore, StoreUnavailable
+from .base import Db, JobStore, StoreFull, StoreUnavailable
 
 try:
     import psycopg
@@ -104,6 +104,9 @@ class PostgresStore(JobStore):
                 yield db
                 if db.dirty:
                     conn.execute(f"NOTIFY {CHANNEL}")  # delivered at commit, once per transaction
+        except psycopg.errors.DiskFull as exc:  # the server's disk: it still answers, and reads still work
+            self.on_full()
+            raise StoreFull(f"PostgreSQL's disk is full: nothing was written ({exc})".strip()) from exc
         except _LINK_ERRORS as exc:  # the link, not the SQL
             self._down_reason = f"PostgreSQL is unavailable: {exc}".strip()
             self._down_until = time.monotonic() + self.DOWN_RETRY_S

@@ -20,9 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .base import Db, JobStore, NodeRow
+from .base import Db, JobStore, NodeRow, StoreFull
 
 FEED_INTERVAL_S = 0.02
+OPEN_NEEDS_BYTES = 1024 * 1024  # a failure to open the store with less free than this is put down to a full disk
 
 
 class _SqliteDb:
@@ -49,11 +50,20 @@ class SqliteStore(JobStore):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._db = self._connect()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        with self._tx() as db:
-            self._create_schema(db)
+        try:
+            self._db = self._connect()
+            self._db.execute("PRAGMA journal_mode=WAL")  # makes the -shm and -wal files: it needs some space
+            self._db.execute("PRAGMA synchronous=FULL")
+            with self._tx() as db:
+                self._create_schema(db)
+        except (sqlite3.OperationalError, StoreFull) as exc:
+            free = _free_bytes(path.parent)
+            if free is None or free >= OPEN_NEEDS_BYTES:
+                raise
+            raise StoreFull(
+                f"the disk of the job store {path} is full ({free} bytes free): it cannot be opened; free some space "
+                "and start again"
+            ) from exc
         self._locks_dir = path.with_name(f"{path.name}-nodes")
         self._held: dict[str, int] = {}  # node id -> the fd of its lock file (this process's nodes)
         self._feed: threading.Thread | None = None
@@ -75,22 +85,36 @@ class SqliteStore(JobStore):
 
     @contextmanager
     def _tx(self) -> Iterator[Db]:
-        with self._lock:
+        with self._lock, self._full_disk():
             self._db.execute("BEGIN IMMEDIATE")
             db = _SqliteDb(self._db)
             try:
                 yield db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A COMMIT that failed (SQLITE_FULL) may leave the transaction open: never let a later write join it.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
         if db.dirty:
             self._fire()
 
     @contextmanager
     def _read(self) -> Iterator[Db]:
-        with self._lock:
+        with self._lock, self._full_disk():
             yield _SqliteDb(self._db)
+
+    @contextmanager
+    def _full_disk(self) -> Iterator[None]:
+        """``SQLITE_FULL`` (the disk of the database or of its WAL is full) as :class:`StoreFull`."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            self.on_full()
+            raise StoreFull(f"the disk of the job store ({self.path.name}) is full: nothing was written") from exc
 
     def _columns(self, db: Db, table: str) -> set[str]:
         return {row[1] for row in db.q(f"PRAGMA table_info({table})").fetchall()}
@@ -169,3 +193,11 @@ class SqliteStore(JobStore):
 
     def _lock_path(self, node_id: str) -> Path:
         return self._locks_dir / f"{hashlib.sha256(node_id.encode()).hexdigest()[:32]}.lock"
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
