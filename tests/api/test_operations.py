@@ -253,12 +253,13 @@ def test_status_stream_keeps_alive_while_waiting_and_sends_each_queue_position(m
             ("IN_PROGRESS", None),
             ("COMPLETED", None),
         ]
+        # Timed at the client on a loaded machine: bounds with room for scheduling delays, still far from both
+        # failures (no keep-alive: silent until the cancel, which never comes; one per loop: hundreds a second).
         times = [when for when, _ in lines]
         gaps = [b - a for a, b in itertools.pairwise(times)]
-        assert max(gaps) < keepalive + 0.5, gaps  # never silent much longer than the interval
-        for (before, _), (when, event) in itertools.pairwise(lines):
-            if event is None:
-                assert when - before > keepalive * 0.8, gaps  # a comment only after an interval of silence
+        assert max(gaps) < keepalive + 2.0, gaps  # never silent much longer than the interval
+        comments = sum(1 for _, event in lines if event is None)
+        assert 3 <= comments <= (times[-1] - times[0]) / keepalive + 2, gaps  # one per interval of silence at most
         wait_for(client, LIGHTNING, held)
 
 
