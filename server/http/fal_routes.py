@@ -38,9 +38,10 @@ from .idempotency import HEADER as IDEMPOTENCY_HEADER
 from .idempotency import KEY_PATTERN as IDEMPOTENCY_KEY_PATTERN
 from .idempotency import REPLAYED_HEADER, fingerprint
 from .lifecycle import requested_lifetime
-from .openapi_responses import CANCEL, RESULT, RUN, STATUS, STREAM, SUBMIT
+from .openapi_responses import CANCEL, RESULT, RUN, STATUS, STREAM, STREAM_RUN, SUBMIT
 from .routing import QUEUE_PREFIX_KEY
 from .schemas import Output, input_model
+from .stream_routes import stream_response
 
 TRUE_FLAGS = ("1", "true", "yes", "on")
 # fal's request headers: x-fal-no-retry is honoured (see JobService.submit); X-Fal-Runner-Hint and X-Fal-Store-IO
@@ -128,6 +129,7 @@ def fal_router(
         sync: bool,
         webhook: str | None,
         idempotency: tuple[str, str] | None = None,
+        previews: bool = False,
     ):
         endpoint = "/".join(app.app_id.split("/")[:2])
         return service.submit(
@@ -144,6 +146,7 @@ def fal_router(
             idempotency=idempotency,
             files_lifetime_s=requested_lifetime(request.headers),
             no_retry=_flag(request.headers.get(NO_RETRY_HEADER)),
+            previews=previews,
         )
 
     for app in apps:
@@ -201,6 +204,10 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         service.release_inline(job)  # a sync run's data URIs go to its caller only
         return response
 
+    async def stream(request: Request, payload: model = Body(...), owner: str = Depends(owner_of)):  # type: ignore[valid-type]
+        job = submit_job(request, app, payload, owner, True, None, previews=True)
+        return await stream_response(request, request.app.state.service, job, result_response)
+
     async def submit(
         request: Request,
         payload: model = Body(...),  # type: ignore[valid-type]
@@ -229,6 +236,7 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
 
     # The body type is this app's model; annotations are strings under `from __future__ import annotations`.
     run.__annotations__["payload"] = model
+    stream.__annotations__["payload"] = model
     submit.__annotations__["payload"] = model
     router.add_api_route(
         f"/{app.app_id}",
@@ -239,6 +247,18 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         summary=f"Run {app.app_id} and wait for the result",
         responses=RUN,
     )
+    for prefix in ("", "/queue"):  # fal.stream() posts to {run host}/{app}/stream; the queue host's path works too
+        router.add_api_route(
+            f"{prefix}/{app.app_id}/stream",
+            stream,
+            methods=["POST"],
+            include_in_schema=prefix == "",
+            tags=[app.app_id],
+            summary=f"Run {app.app_id} with a preview of every step (server-sent events)",
+            description="One `data:` event per denoising step with a small JPEG preview of each image, then the "
+            "run's output as the last event (docs/streaming.md).",
+            responses=STREAM_RUN,
+        )
     # The links say where a submit's request_id goes next (and let schemathesis test those steps in order).
     owner, alias = app.app_id.split("/")[:2]
     follow = {"owner": owner, "alias": alias, "request_id": "$response.body#/request_id"}
