@@ -8,6 +8,7 @@ appear; failures and cancels are ``COMPLETED`` with ``error`` and ``error_type``
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -98,8 +99,9 @@ async def _check_webhook_url(url: str, guard: FetchGuard) -> None:
         raise BadRequest(f"fal_webhook {exc}") from None
 
 
-def result_response(service: JobService, job: Job) -> JSONResponse:
-    """What the result route (and a sync run) answers for a terminal job."""
+def result_response(service: JobService, job: Job, with_message: bool = False) -> JSONResponse:
+    """What the result route (and a sync run) answers for a terminal job. ``with_message``: a failure's body
+    carries ``message`` (what the JS clients show) even where it is a list of field errors (``invalid_input``)."""
     if job.state is JobState.SUCCEEDED:
         output = service.result_of(job)
         if output is None:
@@ -110,7 +112,10 @@ def result_response(service: JobService, job: Job) -> JSONResponse:
     headers = {TIMEOUT_TYPE_HEADER: "user"} if job.error_type == "request_timeout" else None
     if job.error_type == Draining.error_type:  # a sync run refused by a shutdown: worth retrying
         headers = {"Retry-After": str(Draining.retry_after_s), **Draining.headers_when_draining}
-    return error_response(job.http_status, job.error_body or {}, job.error_type, job.id, headers)
+    body = job.error_body or {}
+    if with_message and job.error is not None:
+        body = {**body, "message": body.get("message", job.error)}
+    return error_response(job.http_status, body, job.error_type, job.id, headers)
 
 
 def fal_router(
@@ -206,7 +211,8 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
 
     async def stream(request: Request, payload: model = Body(...), owner: str = Depends(owner_of)):  # type: ignore[valid-type]
         job = submit_job(request, app, payload, owner, True, None, previews=True)
-        return await stream_response(request, request.app.state.service, job, result_response)
+        failed = functools.partial(result_response, with_message=True)
+        return await stream_response(request, request.app.state.service, job, failed)
 
     async def submit(
         request: Request,

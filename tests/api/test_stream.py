@@ -95,7 +95,8 @@ def test_refusals_and_failures_before_the_stream_opens_are_http_errors(make_serv
         assert [e["loc"][-1] for e in broken.json()["detail"]] == ["image_url"]
         rid = broken.headers["x-fal-request-id"]
         stored = client.get(request_url("", LIGHTNING, rid), headers=key)
-        assert (stored.status_code, stored.json()) == (422, broken.json())  # the result route says the same
+        assert broken.json()["message"].startswith("image_url")  # what the JS client shows
+        assert (stored.status_code, {**stored.json(), "message": broken.json()["message"]}) == (422, broken.json())
         fine = client.post(STREAM, json=inpaint_input(num_inference_steps="1"), headers=key)
         assert fine.status_code == 200 and list(sse_events(fine))[-1]["images"]  # the next one runs
 
