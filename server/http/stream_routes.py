@@ -41,7 +41,7 @@ async def stream_response(
     deadline = time.monotonic() + keepalive_s
     preview = None
     while not job.state.is_terminal():
-        preview = service.preview(job)
+        preview = _newest_preview(service, job)
         left = deadline - time.monotonic()
         if preview is not None or left <= 0:
             break
@@ -79,7 +79,7 @@ async def step_events(
                     sent_position = position
                     event = {"request_id": job.id, "status": "IN_QUEUE", "queue_position": position}
             else:
-                preview = preview or service.preview(job)
+                preview = preview or _newest_preview(service, job)
                 if preview is not None and preview.get("step", 0) > sent_step:
                     sent_step = preview["step"]
                     event = {"request_id": job.id, **preview}
@@ -115,6 +115,15 @@ def final_event(service: JobService, job: Job) -> dict[str, Any]:
         "error_type": job.error_type or "internal_error",
         "detail": body.get("detail", error),
     }
+
+
+def _newest_preview(service: JobService, job: Job) -> dict[str, Any] | None:
+    """The job's newest step preview; None while the store cannot be read (a preview is only a nicety: the
+    stream goes on, and the result comes once the store is back)."""
+    try:
+        return service.preview(job)
+    except StoreUnavailable:
+        return None
 
 
 def _data(event: dict[str, Any]) -> str:
