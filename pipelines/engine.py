@@ -35,6 +35,7 @@ from .optimize import (
     set_attention_order,
     use_compile_cache,
 )
+from .previews import StepPreview
 from .prompt_cache import PromptCache
 from .safety import SafetyChecker
 from .sampling import Sampler, build_sampler
@@ -51,7 +52,8 @@ assert MAX_IMAGES <= MAX_BATCH_ROWS  # so one request always fits in one batch
 MAX_SIDE = 14142  # fal's ImageSize bound
 SEED_RANGE = 2**64
 ShouldStop = Callable[[str], bool]
-OnProgress = Callable[[str, int, int], None]
+# on_progress(request_id, step, total), and a 4th argument, the step's StepPreview, for requests with previews.
+OnProgress = Callable[..., None]
 
 
 @dataclass
@@ -525,6 +527,7 @@ class Engine:
             for p in group
             for k in range(p.request.num_images)
         ]
+        preview_rows = tuple(k for k, j in enumerate(image_of) if group[j].request.previews)
         if self.speed.pads_batches:
             # Compiled UNet graphs exist per batch bucket: padding rows repeat the last real row, each with
             # noise of its own; they are never decoded. The VAE sees only the real input images.
@@ -546,6 +549,7 @@ class Engine:
             generators=generators,
             sampler=group[0].sampler,
             full_strength=group[0].strength == 1.0,
+            preview_rows=preview_rows,
         )
 
     def _denoise(
@@ -560,6 +564,12 @@ class Engine:
         image_of = batch.image_of
         cancelled: set[int] = set()  # indices into group
         live = list(range(len(image_of)))
+        previews: dict[int, StepPreview] = {}  # this step's preview per request (index into group)
+
+        def on_preview(i: int, rows: list[int], preview: StepPreview) -> None:
+            for j in sorted({image_of[row] for row in rows}):
+                mine = [n for n, row in enumerate(rows) if image_of[row] == j]  # contiguous: a request's rows are
+                previews[j] = preview.rows(mine[0], mine[-1] + 1)
 
         def on_step(i: int, total: int) -> list[int] | None:
             nonlocal live
@@ -567,7 +577,12 @@ class Engine:
             active = sorted({image_of[row] for row in live})
             if on_progress is not None:
                 for j in active:
-                    on_progress(group[j].request_id, i + 1, total)
+                    preview = previews.pop(j, None)
+                    if preview is None:
+                        on_progress(group[j].request_id, i + 1, total)
+                    else:
+                        on_progress(group[j].request_id, i + 1, total, preview)
+            previews.clear()
             if should_stop is None or i == total - 1:
                 return None
             cancelled.update(j for j in active if should_stop(group[j].request_id))
@@ -577,6 +592,8 @@ class Engine:
             live = [live[k] for k in keep]
             return keep
 
+        if batch.preview_rows and on_progress is not None:
+            batch.on_preview = on_preview
         latents, rows = pipe.denoise(batch, on_step, self._unet_call(pipe))
         return latents, rows, cancelled
 

@@ -8,7 +8,8 @@ replaces its ``__call__`` with a batch-oriented recipe that:
   prompts and seeds share one UNet batch and image k of a request does not depend on its batch;
 * VAE-encodes each input image once (the stock pipeline encodes once per output image and once more
   for the masked image, which a 4-channel UNet never reads);
-* lets the caller drop images between steps (cancellation) and report progress;
+* lets the caller drop images between steps (cancellation) and report progress, with a preview of each
+  step's predicted image (x0, projected to RGB without the VAE: ``previews.py``) for the rows that asked;
 * never reads a device value back to the host inside the loop: the scheduler's numbers are
   precomputed Python floats (``sampling.py``), rows are picked with slices, and every input arrives
   on the device before the loop starts (tests/pipelines/test_host_syncs.py).
@@ -28,11 +29,15 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import tensors
 from .graphs import UNetCall, plain_call
+from .previews import LatentProjection, StepPreview
 from .sampling import Sampler
 
 # Called after step i (0-based) with the number of steps; returns the indices (into the current
 # batch) of the images to keep going, or None to keep all.
 StepHook = Callable[[int, int], "list[int] | None"]
+# Called during step i (0-based) with the batch rows previewed and their pixels (see ``DenoiseBatch.preview_rows``).
+PreviewHook = Callable[[int, list[int], StepPreview], None]
+PROJECTION = LatentProjection()
 
 
 @dataclass
@@ -52,6 +57,10 @@ class DenoiseBatch:
     generators: list[torch.Generator]  # len B
     sampler: Sampler
     full_strength: bool  # strength 1.0: start from pure noise
+    # Rows whose requests asked for step previews (real rows only), and who gets them; nothing is computed for
+    # the other rows, and nothing at all without a hook.
+    preview_rows: tuple[int, ...] = ()
+    on_preview: PreviewHook | None = None
 
 
 class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
@@ -128,10 +137,18 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
         # 3. Conditioning.
         embeds, pooled, time_ids = batch.prompt_embeds, batch.pooled_embeds, batch.time_ids
         rows = list(range(n))
+        previewed = frozenset(batch.preview_rows) if batch.on_preview is not None else frozenset()
 
         # 4. Denoise, blending the (re-noised) original latents back outside the mask after each step.
         for i in range(sampler.steps):
             noise_pred = unet(sampler.model_input(latents, i), sampler.timesteps[i], embeds, pooled, time_ids)
+            if previewed:
+                at = [k for k, row in enumerate(rows) if row in previewed]
+                if at:
+                    x0 = sampler.denoised(tensors.rows(noise_pred, at), tensors.rows(latents, at), i)
+                    clean = tensors.rows(keep, at) * tensors.rows(image_latents, at) + tensors.rows(mask, at) * x0
+                    assert batch.on_preview is not None
+                    batch.on_preview(i, [rows[k] for k in at], StepPreview.capture(PROJECTION.to_rgb(clean)))
             latents = sampler.step(noise_pred, latents, i, generators)
             latents = keep * sampler.renoise(image_latents, noise, i) + mask * latents
 

@@ -72,6 +72,11 @@ class Sampler:
         """The input's latents at the noise level the latents have after step ``i`` (clean after the last)."""
         raise NotImplementedError
 
+    def denoised(self, model_output: torch.Tensor, latents: torch.Tensor, i: int) -> torch.Tensor:
+        """The clean latents step ``i`` predicts (x0; what a step preview shows): the same arithmetic as
+        :meth:`step` up to its prediction, without its noise."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class EulerSampler(Sampler):
@@ -106,6 +111,15 @@ class EulerSampler(Sampler):
             pred_original = model_output * scale + (sample / divisor)
         derivative = (sample - pred_original) / sigma
         return (sample + derivative * self.dts[i]).to(model_output.dtype)
+
+    def denoised(self, model_output: torch.Tensor, latents: torch.Tensor, i: int) -> torch.Tensor:
+        sample = latents.to(torch.float32)
+        if self.prediction_type == "sample":
+            return model_output
+        if self.prediction_type == "epsilon":
+            return sample - self.sigmas[i] * model_output
+        scale, divisor = self.v_scales[i]
+        return model_output * scale + (sample / divisor)
 
     def renoise(self, image_latents: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
         if i == self.steps - 1:
@@ -174,6 +188,14 @@ class TcdSampler(_DdpmSampler):
             return c.keep * noised + c.fresh * fresh
         return noised
 
+    def denoised(self, model_output: torch.Tensor, latents: torch.Tensor, i: int) -> torch.Tensor:
+        c = self.coefficients[i]
+        if self.prediction_type == "epsilon":
+            return (latents - c.sqrt_b_t * model_output) / c.sqrt_a_t
+        if self.prediction_type == "sample":
+            return model_output
+        return c.pow_a_t * latents - c.pow_b_t * model_output
+
 
 class LcmStep(NamedTuple):
     sqrt_a_t: float
@@ -208,6 +230,18 @@ class LcmSampler(_DdpmSampler):
             return denoised
         fresh = randn_tensor(model_output.shape, generator=generators, device=model_output.device, dtype=denoised.dtype)
         return c.sqrt_a_prev * denoised + c.sqrt_b_prev * fresh
+
+    def denoised(self, model_output: torch.Tensor, latents: torch.Tensor, i: int) -> torch.Tensor:
+        c = self.coefficients[i]
+        if self.prediction_type == "epsilon":
+            pred_original = (latents - c.sqrt_b_t * model_output) / c.sqrt_a_t
+        elif self.prediction_type == "sample":
+            pred_original = model_output
+        else:
+            pred_original = c.sqrt_a_t * latents - c.sqrt_b_t * model_output
+        if self.clip_range is not None:
+            pred_original = pred_original.clamp(-self.clip_range, self.clip_range)
+        return c.c_out * pred_original + c.c_skip * latents
 
 
 # ---------------------------------------------------------------------------------------------- building

@@ -15,7 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 from .types import InpaintRequest, InpaintResult
 
 ShouldStop = Callable[[str], bool]
-OnProgress = Callable[[str, int, int], None]
+# on_progress(request_id, step, total); for a request with ``previews`` a 4th argument, the step's StepPreview.
+OnProgress = Callable[..., None]
 
 
 @runtime_checkable

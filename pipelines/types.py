@@ -45,6 +45,8 @@ class InpaintRequest:
     expand_prompt: bool = False
     request_id: str = ""
     max_image_pixels: int | None = None
+    # Step previews: ``on_progress`` gets a 4th argument for this request, a ``pipelines.previews.StepPreview``.
+    previews: bool = False
 
 
 @dataclass

@@ -182,9 +182,9 @@ class GatedEngine:
     def run(self, requests: Sequence[Any], should_stop: Callable | None = None, on_progress: Callable | None = None):
         self.batches.append([r.request_id for r in requests])
 
-        def progress(request_id: str, step: int, total: int) -> None:
+        def progress(request_id: str, step: int, total: int, *preview: Any) -> None:
             if on_progress is not None:
-                on_progress(request_id, step, total)
+                on_progress(request_id, step, total, *preview)  # a step preview, for requests that asked
             if self.hold:
                 self.started.set()
                 self.release.wait(60)

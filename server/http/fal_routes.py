@@ -8,6 +8,7 @@ appear; failures and cancels are ``COMPLETED`` with ``error`` and ``error_type``
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -38,9 +39,10 @@ from .idempotency import HEADER as IDEMPOTENCY_HEADER
 from .idempotency import KEY_PATTERN as IDEMPOTENCY_KEY_PATTERN
 from .idempotency import REPLAYED_HEADER, fingerprint
 from .lifecycle import requested_lifetime
-from .openapi_responses import CANCEL, RESULT, RUN, STATUS, STREAM, SUBMIT
+from .openapi_responses import CANCEL, RESULT, RUN, STATUS, STREAM, STREAM_RUN, SUBMIT
 from .routing import QUEUE_PREFIX_KEY
 from .schemas import Output, input_model
+from .stream_routes import stream_response
 
 TRUE_FLAGS = ("1", "true", "yes", "on")
 # fal's request headers: x-fal-no-retry is honoured (see JobService.submit); X-Fal-Runner-Hint and X-Fal-Store-IO
@@ -97,8 +99,9 @@ async def _check_webhook_url(url: str, guard: FetchGuard) -> None:
         raise BadRequest(f"fal_webhook {exc}") from None
 
 
-def result_response(service: JobService, job: Job) -> JSONResponse:
-    """What the result route (and a sync run) answers for a terminal job."""
+def result_response(service: JobService, job: Job, with_message: bool = False) -> JSONResponse:
+    """What the result route (and a sync run) answers for a terminal job. ``with_message``: a failure's body
+    carries ``message`` (what the JS clients show) even where it is a list of field errors (``invalid_input``)."""
     if job.state is JobState.SUCCEEDED:
         output = service.result_of(job)
         if output is None:
@@ -109,7 +112,10 @@ def result_response(service: JobService, job: Job) -> JSONResponse:
     headers = {TIMEOUT_TYPE_HEADER: "user"} if job.error_type == "request_timeout" else None
     if job.error_type == Draining.error_type:  # a sync run refused by a shutdown: worth retrying
         headers = {"Retry-After": str(Draining.retry_after_s), **Draining.headers_when_draining}
-    return error_response(job.http_status, job.error_body or {}, job.error_type, job.id, headers)
+    body = job.error_body or {}
+    if with_message and job.error is not None:
+        body = {**body, "message": body.get("message", job.error)}
+    return error_response(job.http_status, body, job.error_type, job.id, headers)
 
 
 def fal_router(
@@ -128,6 +134,7 @@ def fal_router(
         sync: bool,
         webhook: str | None,
         idempotency: tuple[str, str] | None = None,
+        previews: bool = False,
     ):
         endpoint = "/".join(app.app_id.split("/")[:2])
         return service.submit(
@@ -144,6 +151,7 @@ def fal_router(
             idempotency=idempotency,
             files_lifetime_s=requested_lifetime(request.headers),
             no_retry=_flag(request.headers.get(NO_RETRY_HEADER)),
+            previews=previews,
         )
 
     for app in apps:
@@ -201,6 +209,11 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         service.release_inline(job)  # a sync run's data URIs go to its caller only
         return response
 
+    async def stream(request: Request, payload: model = Body(...), owner: str = Depends(owner_of)):  # type: ignore[valid-type]
+        job = submit_job(request, app, payload, owner, True, None, previews=True)
+        failed = functools.partial(result_response, with_message=True)
+        return await stream_response(request, request.app.state.service, job, failed)
+
     async def submit(
         request: Request,
         payload: model = Body(...),  # type: ignore[valid-type]
@@ -229,6 +242,7 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
 
     # The body type is this app's model; annotations are strings under `from __future__ import annotations`.
     run.__annotations__["payload"] = model
+    stream.__annotations__["payload"] = model
     submit.__annotations__["payload"] = model
     router.add_api_route(
         f"/{app.app_id}",
@@ -239,6 +253,18 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         summary=f"Run {app.app_id} and wait for the result",
         responses=RUN,
     )
+    for prefix in ("", "/queue"):  # fal.stream() posts to {run host}/{app}/stream; the queue host's path works too
+        router.add_api_route(
+            f"{prefix}/{app.app_id}/stream",
+            stream,
+            methods=["POST"],
+            include_in_schema=prefix == "",
+            tags=[app.app_id],
+            summary=f"Run {app.app_id} with a preview of every step (server-sent events)",
+            description="One `data:` event per denoising step with a small JPEG preview of each image, then the "
+            "run's output as the last event (docs/streaming.md).",
+            responses=STREAM_RUN,
+        )
     # The links say where a submit's request_id goes next (and let schemathesis test those steps in order).
     owner, alias = app.app_id.split("/")[:2]
     follow = {"owner": owner, "alias": alias, "request_id": "$response.body#/request_id"}

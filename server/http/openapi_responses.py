@@ -117,6 +117,14 @@ RUN = {
 }
 RUN[500] = _error("The request failed, or the models failed to load.")
 RUN[507] = _error("The server's disk is full (nothing was stored), or this request's images could not be saved.")
+# A step-preview stream: the sync run's refusals and failures (before the stream opens), else the events.
+STREAM_RUN = {
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "Server-sent events: a preview per step, then the run's output (docs/streaming.md).",
+    },
+    **{code: value for code, value in RUN.items() if code != 404},
+}
 STATUS = {
     200: {"model": QueueStatus, "description": "Completed (successfully or not)."},
     202: {"model": QueueStatus, "description": "In queue or in progress."},

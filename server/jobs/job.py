@@ -99,6 +99,7 @@ class Job:
     files_lifetime_s: float | None = None
     files_expire_at: float | None = None
     no_retry: bool = False  # x-fal-no-retry: never run again after a crash or a lost lease
+    previews: bool = False  # a step-preview stream waits for it: the worker writes each step's preview
 
     @property
     def sync_mode(self) -> bool:

@@ -10,7 +10,7 @@ so the same worker runs inside the API process (the embedded default) or in a pr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..metrics import Metrics
@@ -53,8 +53,8 @@ class WorkSource(Protocol):
         """Extend our leases; the ids still held."""
         ...
 
-    def progress(self, jobs: Sequence[Job]) -> None:
-        """Write running jobs' logs (steps, warnings)."""
+    def progress(self, jobs: Sequence[Job], previews: Mapping[str, dict[str, Any]] | None = None) -> None:
+        """Write running jobs' logs (steps, warnings), and the newest step preview of those in ``previews``."""
         ...
 
     def cancel_flags(self, job_ids: Collection[str]) -> set[str]:
@@ -119,8 +119,8 @@ class Leases:
     def renew(self, job_ids: Collection[str]) -> set[str]:
         return self.store.renew(self.holder, job_ids, self.clock(), self.lease_s)
 
-    def progress(self, jobs: Sequence[Job]) -> None:
-        self.store.progress(self.holder, jobs)
+    def progress(self, jobs: Sequence[Job], previews: Mapping[str, dict[str, Any]] | None = None) -> None:
+        self.store.progress(self.holder, jobs, previews)
 
     def cancel_flags(self, job_ids: Collection[str]) -> set[str]:
         return self.store.cancel_requested(job_ids)

@@ -117,4 +117,5 @@ class JobPreparer:
             expand_prompt=bool(data["expand_prompt"]),
             request_id=job.id,
             max_image_pixels=self.max_image_pixels,
+            previews=job.previews,
         )

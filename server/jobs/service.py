@@ -131,6 +131,7 @@ class JobService:
         idempotency: tuple[str, str] | None = None,
         files_lifetime_s: float | None = None,
         no_retry: bool = False,
+        previews: bool = False,
     ) -> Job:
         """Create a job; it is durable when this returns (with its ``(Idempotency-Key, fingerprint)``, if given).
 
@@ -138,7 +139,8 @@ class JobService:
         worker); a sync run is refused with a retryable 503, since its caller waits on this process, which is
         about to exit. ``files_lifetime_s`` (an object lifecycle preference) makes its files expire that long
         after it ends, when that is shorter than the result retention (never longer). ``no_retry``: never run
-        again after a crash or a lost lease (``x-fal-no-retry``).
+        again after a crash or a lost lease (``x-fal-no-retry``). ``previews``: the worker writes each step's
+        preview (a step-preview stream waits for the job).
         """
         if self.draining and sync:
             raise Draining(DRAINING_SYNC)
@@ -175,6 +177,7 @@ class JobService:
             waiter=self.node.id if sync else None,
             files_lifetime_s=shorter_than_retention(files_lifetime_s, self.settings.result_retention_s),
             no_retry=no_retry,
+            previews=previews,
         )
         job.add_log("Request queued", when=now)
         self.store.add(job, idempotency)
@@ -240,6 +243,10 @@ class JobService:
     def position(self, job: Job) -> int | None:
         """Queued jobs ahead of ``job``, from the store: right whichever node answers."""
         return self.store.position(job.id) if job.state is JobState.QUEUED else None
+
+    def preview(self, job: Job) -> dict[str, Any] | None:
+        """A running job's newest step preview (only jobs submitted with ``previews`` have one)."""
+        return self.store.preview(job.id) if job.previews and job.state is JobState.RUNNING else None
 
     def result_of(self, job: Job) -> dict[str, Any] | None:
         """A finished job's output; None once a sync run has handed its inline (``sync_mode``) output over."""

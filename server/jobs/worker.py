@@ -38,6 +38,7 @@ from .job import Job
 from .leases import WorkSource
 from .nodes import WorkerStats
 from .preparing import JobPreparer, Prepared
+from .step_previews import PreviewEncoder
 from .store import QueuedRef, StoreUnavailable
 
 log = logging.getLogger("inpaint-server.jobs")
@@ -86,10 +87,12 @@ class GpuWorker:
         self._changed = asyncio.Event()  # the store changed, or someone woke the lane
         self._window_changed = asyncio.Event()
         self._flags_due = asyncio.Event()
+        self._upkeep_due = asyncio.Event()  # write progress now (a step preview is ready), or read cancel flags
         self.held: dict[str, Job] = {}
         self.running: list[str] = []
         self._lost: set[str] = set()  # held jobs whose lease was taken back: stopped, never finished by us
         self._dirty: set[str] = set()  # held jobs with log lines not written yet
+        self.previews = PreviewEncoder(self._preview_ready)  # step previews of jobs that asked for them
         self.finalizers: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
         self.max_rows = 8  # image rows per batch: the engine's max_batch_rows, read once it has loaded
@@ -118,11 +121,13 @@ class GpuWorker:
         await asyncio.gather(*pending, return_exceptions=True)
         if self.finalizers:
             await asyncio.gather(*self.finalizers, return_exceptions=True)
+        self.previews.shutdown()
 
     def wake(self) -> None:
         """The queue may have changed (a submit, a cancel...): read it again. Event loop only."""
         self._changed.set()
         self._flags_due.set()
+        self._upkeep_due.set()
 
     def wake_threadsafe(self) -> None:
         """:meth:`wake` from any thread (the store's change listener)."""
@@ -342,9 +347,11 @@ class GpuWorker:
             job = jobs.get(request_id)
             return job is not None and (job.cancel_requested or request_id in self._lost or self.abandoned)
 
-        def on_progress(request_id: str, step: int, total: int) -> None:
+        def on_progress(request_id: str, step: int, total: int, preview: Any = None) -> None:
             self._last_progress = time.monotonic()  # read by the watchdog (on this thread: no loop lag)
             loop.call_soon_threadsafe(self._progress, request_id, step, total)
+            if preview is not None:  # only jobs with previews: to the encoder's thread, without waiting
+                self.previews.submit(loop, request_id, step, total, preview)
 
         self._last_progress = time.monotonic()
         try:
@@ -362,6 +369,13 @@ class GpuWorker:
         if job is not None and request_id in self.running:
             job.add_log(f"Step {step}/{total}", when=self.source.clock())
             self._dirty.add(request_id)
+
+    def _preview_ready(self, request_id: str) -> None:
+        if request_id in self.held and request_id in self.running and request_id not in self._lost:
+            self._dirty.add(request_id)
+            self._upkeep_due.set()  # written now, not at the next tick: one preview per step where possible
+        else:
+            self.previews.forget(request_id)  # the run is over: its result is on its way
 
     async def _finalize(self, job: Job, result: Any, error: str | None) -> None:
         """Write a job's terminal state as the holder of its lease: its images, or its error."""
@@ -391,6 +405,7 @@ class GpuWorker:
             self.held.pop(job.id, None)
             self._dirty.discard(job.id)
             self._lost.discard(job.id)
+            self.previews.forget(job.id)
 
     async def _save_output(self, job: Job, result: Any) -> None:
         """Write a successful job's images, then its state. When the disk is full, the images are removed and the
@@ -454,12 +469,13 @@ class GpuWorker:
 
     async def _upkeep(self) -> None:
         """While jobs are held: renew their leases every ``lease_s / 3``, read cancel flags when the store changes,
-        and write new log lines every :data:`PROGRESS_FLUSH_S`."""
+        and write new log lines every :data:`PROGRESS_FLUSH_S` (a step preview at once)."""
         lease_s = self.source.lease_s
         next_renew = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flags_due.wait(), PROGRESS_FLUSH_S)
+                await asyncio.wait_for(self._upkeep_due.wait(), PROGRESS_FLUSH_S)
+            self._upkeep_due.clear()
             flags_due = self._flags_due.is_set()
             self._flags_due.clear()
             if not self.held:
@@ -504,7 +520,12 @@ class GpuWorker:
     def _flush_progress(self) -> None:
         if self._dirty:
             dirty = [self.held[i] for i in self._dirty if i in self.held and i not in self._lost]
-            self.source.progress(dirty)
+            previews = self.previews.pending(job.id for job in dirty)
+            if previews:
+                self.source.progress(dirty, previews)
+                self.previews.written(previews)
+            else:
+                self.source.progress(dirty)
             self._dirty.clear()
 
     # ------------------------------------------------------------------ draining and GPU faults

@@ -459,3 +459,40 @@ def test_streaming_subscribe_through_a_proxy_with_an_idle_timeout(
         assert error["isApiError"] and error["status"] == 500, error
         assert proxy.cuts >= 1
         assert all(u["status"] == "IN_QUEUE" for u in obs["updates"]), obs["updates"]
+
+
+def test_fal_stream_gets_a_preview_per_step_then_the_result(node_modules, make_server, engine, pngs) -> None:
+    """``fal.stream(...)`` of @fal-ai/client against ``POST /{app}/stream`` (docs/streaming.md)."""
+    from tests.api.test_stream import PacedEngine, jpeg_size
+
+    server = make_server(engine_override=PacedEngine(engine), api_keys=["k"])
+    obs = run_node(
+        "stream.mjs", f"--base={server.url}", f"--image={pngs['image']}", f"--mask={pngs['mask']}", "--key=k"
+    )
+    assert not [c for c in obs["calls"] if c.get("refused")], "the client tried to reach a host other than the server"
+
+    stream = ok(obs["stream"], "fal.stream through the proxy")
+    rid = stream["requestId"]
+    assert UUID.match(rid)
+    *progress, final = stream["events"]
+    assert [(e["request_id"], e["step"], e["total_steps"]) for e in progress] == [(rid, 1, 2), (rid, 2, 2)]
+    for event in progress:
+        assert [jpeg_size(p) for p in event["previews"]] == [(8, 6), (8, 6)]  # one per image, 1/8 of 64x48
+    assert stream["done"] == final  # done() resolves with the last event: the result
+    result = httpx.get(f"{server.url}/fal-ai/fast-lightning-sdxl/requests/{rid}", headers={"Authorization": "Key k"})
+    assert final == result.json()  # exactly the run's output
+    assert len(final["images"]) == 2 and final["seed"] == 9 and final["has_nsfw_concepts"] == [False, False]
+
+    error = failed(obs["notAnImage"], "fal.stream of a text file as the image")
+    assert error["status"] == 422 and error["isApiError"] and error["isValidationError"]
+    assert error["message"].startswith("image_url"), error  # the server's message, not the status text
+    assert [e["loc"][-1] for e in error["fieldErrors"]] == ["image_url"]
+    assert UUID.match(error["requestId"])
+
+    browser = ok(obs["clientMode"], "fal.stream in connectionMode client with a token")
+    assert obs["tokenAskedFor"] == [f"{LIGHTNING}/stream"]
+    assert browser["events"][-1] == browser["done"] and len(browser["done"]["images"]) == 1
+    assert [e["step"] for e in browser["events"][:-1]] == [1]
+    [call] = [c for c in obs["calls"] if "fal_jwt_token=" in c["url"]]
+    assert call["url"].startswith(f"{server.url}/{LIGHTNING}/stream?") and call["authorization"] is None
+    assert call["status"] == 200 and call["contentType"].startswith("text/event-stream")

@@ -183,3 +183,30 @@ def test_the_engine_builds_each_schedule_once(engine) -> None:
     a, b, c = prepared(0.9), prepared(0.9), prepared(0.7)
     assert a.sampler is b.sampler and a.sampler is not c.sampler
     assert c.sampler.timesteps == tuple(float(t) for t in c.timesteps)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("prediction", [None, "v_prediction"])
+def test_denoised_is_the_clean_image_the_step_predicts(base_config, variant, prediction) -> None:
+    """What a step preview shows: diffusers' own x0 of the step (Euler's ``pred_original_sample``, LCM's
+    ``denoised``); for TCD, the x0 that its epsilon turns back into the step's input."""
+    config = dict(base_config, **({"prediction_type": prediction} if prediction else {}))
+    timesteps = timesteps_for(variant, 1.0, config)
+    sampler = build_sampler(make_scheduler(variant, config), timesteps, torch.float32, _eta(variant))
+    scheduler = make_scheduler(variant, config)
+    scheduler.set_timesteps(timesteps=timesteps, device="cpu")
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    image, noise, _ = _inputs(torch.float32)
+    latents = sampler.start(image, noise, True)
+    out = _fake_unet(sampler.model_input(latents, 0), sampler.timesteps[0], 0)
+    ours = sampler.denoised(out, latents, 0)
+    t = scheduler.timesteps[0]
+    if isinstance(sampler, TcdSampler):
+        c = sampler.coefficients[0]
+        eps = out if sampler.prediction_type == "epsilon" else c.pow_a_t * out + c.pow_b_t * latents
+        torch.testing.assert_close(c.sqrt_a_t * ours + c.sqrt_b_t * eps, latents, rtol=1e-4, atol=1e-4)
+        return
+    step = scheduler.step(out, t, latents, generator=_generators(50), return_dict=True)
+    theirs = step.denoised if isinstance(sampler, LcmSampler) else step.pred_original_sample
+    torch.testing.assert_close(ours, theirs.to(torch.float32), rtol=1e-5, atol=1e-5)

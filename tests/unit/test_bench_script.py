@@ -253,3 +253,19 @@ def test_full_size_configs_match_the_published_parameter_and_flop_counts() -> No
     components = bench_models.counted_tflop(bench_models.architecture("full"), 1024, 1024)
     for n, anchored in bench_models.ANCHOR_TFLOP_1024.items():
         assert bench_models.floor_tflop(components, n) == pytest.approx(anchored, rel=1e-3)
+
+
+def test_the_preview_bench_times_the_same_batch_with_and_without_previews(
+    tiny_models: bench_models.ModelSet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import bench_previews
+
+    out = tmp_path / "previews.json"
+    argv = ["--device", "cpu", "--models-dir", str(tiny_models.root), "--resolution", "64", "--steps", "2"]
+    assert bench_previews.main([*argv, "--batch", "2", "--num-images", "2", "--repeats", "1", "--json", str(out)]) == 0
+    numbers = json.loads(out.read_text())
+    assert numbers["preview_size"] == "8x8" and numbers["batch"] == 2 and numbers["num_images"] == 2
+    assert numbers["step_ms_without"] > 0 and numbers["step_ms_with"] > 0 and numbers["preview_op_ms"] > 0
+    assert math.isclose(numbers["ratio"], numbers["step_ms_with"] / numbers["step_ms_without"], rel_tol=1e-2)
+    assert numbers["jpeg_bytes_per_image"] > 0 and numbers["encode_ms_per_request"] > 0
+    assert "ms without previews" in capsys.readouterr().out

@@ -89,6 +89,7 @@ def test_every_persistent_field_round_trips(store: JobStore) -> None:
         inference_time=0.125,
         files=["0.png", "1.png"],
         no_retry=True,
+        previews=True,
     )
     job.add_log("Request queued", when=1000.5)
     job.add_log("Step 1/2", "WARN", when=1001.5)
@@ -293,6 +294,25 @@ def test_a_write_conditioned_on_state_or_lease_fails_when_the_row_moved_on(store
     running.add_log("still mine")
     assert store.save(running, holder="w")
     assert store.get("q").logs[-1]["message"] == "still mine"
+
+
+def test_a_running_job_keeps_only_its_newest_preview_and_loses_it_when_it_ends(opener: Opener) -> None:
+    store, other_node = opener(), opener()
+    queued(store, [("p", "k", 1), ("q", "k", 1)])
+    p, q = store.claim("w", ["p", "q"], 1.0, 30.0)
+    assert store.preview("p") is None
+    p.add_log("Step 1/2")
+    store.progress("w", [p, q], {"p": {"step": 1, "previews": ["a"]}})
+    assert other_node.preview("p") == {"step": 1, "previews": ["a"]} and other_node.preview("q") is None
+    assert other_node.get("p").logs[-1]["message"] == "Step 1/2"
+    store.progress("w", [p], {"p": {"step": 2, "previews": ["b"]}})
+    store.progress("w", [p])  # logs only: the preview stays
+    assert other_node.preview("p") == {"step": 2, "previews": ["b"]}
+    store.progress("someone-else", [q], {"q": {"step": 1}})  # not the holder: nothing is written
+    assert store.preview("q") is None
+    p.state = JobState.SUCCEEDED
+    assert store.save(p, holder="w")
+    assert other_node.preview("p") is None  # dropped with the terminal write
 
 
 def test_queue_position_comes_from_the_store(opener: Opener) -> None:

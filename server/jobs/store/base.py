@@ -31,7 +31,7 @@ import os
 import socket
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -79,7 +79,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     version BIGINT NOT NULL DEFAULT 0,
     files_lifetime_s {real},
     files_expire_at {real},
-    no_retry INTEGER NOT NULL DEFAULT 0
+    no_retry INTEGER NOT NULL DEFAULT 0,
+    previews INTEGER NOT NULL DEFAULT 0,
+    preview TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (state, priority, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
@@ -152,6 +154,8 @@ _ADDED_COLUMNS = {
         "files_lifetime_s": "{real}",
         "files_expire_at": "{real}",
         "no_retry": "INTEGER NOT NULL DEFAULT 0",
+        "previews": "INTEGER NOT NULL DEFAULT 0",
+        "preview": "TEXT",
     },
     "webhooks": {"claimed_by": "TEXT", "claimed_until": "{real}"},
     "uploads": {"lifetime_s": "{real}", "multipart_id": "TEXT", "parts_ref": "TEXT"},
@@ -201,6 +205,7 @@ _COLUMNS = [
     "files_lifetime_s",
     "files_expire_at",
     "no_retry",
+    "previews",
 ]
 _SELECT = ", ".join(_COLUMNS)
 # Every column but the input (data URIs: megabytes), which only a worker preparing the job reads.
@@ -209,7 +214,11 @@ _QUEUED, _RUNNING = JobState.QUEUED.value, JobState.RUNNING.value
 _UNFINISHED = (_QUEUED, _RUNNING)
 # The input never changes (written once); the version counts writes, so watchers see a change by it alone.
 _UPDATED = [c for c in _COLUMNS if c not in ("id", "input", "version")]
-_UPDATE = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _UPDATED)}, version = version + 1 WHERE id = ?"
+# A running job's newest step preview (``preview``, not a Job field: only a stream reads it, by
+# :meth:`JobStore.preview`) is written with its progress; any other write ends or restarts the run, so it goes.
+_UPDATE = (
+    f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _UPDATED)}, preview = NULL, version = version + 1 WHERE id = ?"
+)
 _NODE_COLUMNS = "id, name, kind, host, pid, pid_start, device, started_at, heartbeat_at, state, stats"
 _UPLOAD_COLUMNS = (
     "token",
@@ -668,16 +677,36 @@ class JobStore(ABC):
             ).fetchall()
         return {r[0] for r in rows}
 
-    def progress(self, worker: str, jobs: Sequence[Job]) -> None:
-        """Write running jobs' logs (steps, warnings), where ``worker`` still holds them; one transaction."""
+    def progress(self, worker: str, jobs: Sequence[Job], previews: Mapping[str, dict[str, Any]] | None = None) -> None:
+        """Write running jobs' logs (steps, warnings), and the newest step preview of those in ``previews`` (by
+        job id; it replaces the one before), where ``worker`` still holds them; one transaction."""
         if not jobs:
             return
+        previews = previews or {}
+        plain = [j for j in jobs if j.id not in previews]
         with self._tx() as db:
-            db.many(
-                "UPDATE jobs SET logs = ?, version = version + 1 WHERE id = ? AND worker = ? AND state = ?",
-                [(json.dumps(j.logs), j.id, worker, _RUNNING) for j in jobs],
-            )
+            if plain:
+                db.many(
+                    "UPDATE jobs SET logs = ?, version = version + 1 WHERE id = ? AND worker = ? AND state = ?",
+                    [(json.dumps(j.logs), j.id, worker, _RUNNING) for j in plain],
+                )
+            if len(plain) < len(jobs):
+                db.many(
+                    "UPDATE jobs SET logs = ?, preview = ?, version = version + 1 "
+                    "WHERE id = ? AND worker = ? AND state = ?",
+                    [
+                        (json.dumps(j.logs), json.dumps(previews[j.id]), j.id, worker, _RUNNING)
+                        for j in jobs
+                        if j.id in previews
+                    ],
+                )
             db.changed()
+
+    def preview(self, job_id: str) -> dict[str, Any] | None:
+        """A running job's newest step preview (see :meth:`progress`), or None."""
+        with self._read() as db:
+            row = db.q("SELECT preview FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] is not None else None
 
     def holders(self) -> set[str]:
         """The workers holding leases now."""
@@ -949,6 +978,7 @@ def _row(job: Job) -> dict[str, Any]:
     values["sync"] = int(job.sync)
     values["cancel_requested"] = int(job.cancel_requested)
     values["no_retry"] = int(job.no_retry)
+    values["previews"] = int(job.previews)
     for name in _JSON_FIELDS:
         value = values[name]
         values[name] = None if value is None else json.dumps(value)
@@ -966,6 +996,7 @@ def _job(row: tuple) -> Job:
     values["sync"] = bool(values["sync"])
     values["cancel_requested"] = bool(values["cancel_requested"])
     values["no_retry"] = bool(values["no_retry"])
+    values["previews"] = bool(values["previews"])
     return Job(**values)
 
 
