@@ -30,7 +30,17 @@ from . import __version__
 from .delivery.file_store import FilesUnavailable, file_response
 from .delivery.webhooks import WebhookSender, WebhookSigner, new_key_pem
 from .http.auth import KeyAuth
-from .http.errors import ERROR_TYPE_HEADER, ApiError, FilesDown, NotFound, StoreDown, error_response
+from .http.errors import (
+    ERROR_TYPE_HEADER,
+    ApiError,
+    FilesDown,
+    NotFound,
+    StoreDown,
+    UnexpectedErrors,
+    error_response,
+    unexpected_error_response,
+    validation_errors_body,
+)
 from .http.fal_routes import fal_router
 from .http.health import add_health_routes, engine_readiness
 from .http.limits import BodyLimit
@@ -212,6 +222,8 @@ def create_app(
     )
     app.include_router(fal_router(service, apps, owner_of, base_url_of))
 
+    # Innermost: an unexpected exception answers 500 and the kept-alive connection stays usable.
+    app.add_middleware(UnexpectedErrors)
     # Innermost of the three: it sees the path FalRouting rewrote (proxy, queue host, /rest).
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_max_bytes=settings.upload_max_bytes)
     app.add_middleware(FalRouting)
@@ -296,14 +308,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = []
-        for err in exc.errors():
-            item = {k: v for k, v in err.items() if k in ("loc", "msg", "type", "input", "ctx", "url")}
-            if "ctx" in item:
-                item["ctx"] = {k: str(v) for k, v in item["ctx"].items()}
-            detail.append(item)
         # A request id even for a refused request: the JS client reports it as error.requestId.
-        return error_response(422, {"detail": _jsonable(detail)}, "invalid_input", str(uuid.uuid4()))
+        body = _jsonable(validation_errors_body(list(exc.errors())))
+        return error_response(422, body, "invalid_input", str(uuid.uuid4()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -326,12 +333,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Only for an error outside UnexpectedErrors (in a middleware): Starlette raises it again after this
+        # answer and uvicorn then drops the connection, so the answer says so.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            {"detail": "internal server error", "error_type": "internal_error", "message": "internal server error"},
-            status_code=500,
-            headers={ERROR_TYPE_HEADER: "internal_error"},
-        )
+        response = unexpected_error_response()
+        response.headers["Connection"] = "close"
+        return response
 
 
 def _jsonable(value: Any) -> Any:

@@ -222,6 +222,13 @@ class Settings(BaseSettings):
         2048 * 2048, ge=64 * 64, description="Most pixels (width x height) of image_size; more is refused with 422."
     )
     max_num_images: int = Field(8, ge=1, le=8, description="Most images one request may ask for (num_images).")
+    max_prompt_chars: int = Field(
+        10_000,
+        ge=100,
+        le=1_000_000,
+        description="Longest prompt, in characters; longer is refused with 422. The model reads only its first 75 "
+        "tokens (a few hundred characters) and says in the request's logs what it ignored.",
+    )
     max_queue_size: int = Field(
         1000, ge=1, description="Most requests waiting in the queue; a submit beyond it gets 429 with Retry-After."
     )

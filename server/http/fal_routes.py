@@ -139,7 +139,7 @@ def fal_router(
         )
 
     for app in apps:
-        model = input_model(app)
+        model = input_model(app, service.settings.max_prompt_chars)
         _add_app_routes(router, app, model, submit_job, owner_of)
 
     # Status, stream, result and cancel. /queue first: "/queue/a/b/requests/x" must not be read as
