@@ -22,6 +22,7 @@ from pipelines.specs import AppSpec
 from ..inputs.url_guard import FetchError, FetchGuard
 from ..jobs.job import PRIORITIES, Job, JobState
 from ..jobs.service import JobService
+from .bodies import OffLoopJsonRoute, off_loop_if_large
 from .errors import (
     REQUEST_ID_HEADER,
     TIMEOUT_TYPE_HEADER,
@@ -180,7 +181,7 @@ def fal_router(
 
 def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], submit_job, owner_of) -> None:
     async def run(request: Request, payload: model = Body(...), owner: str = Depends(owner_of)):  # type: ignore[valid-type]
-        job = submit_job(request, app, payload, owner, True, None)
+        job = await off_loop_if_large(request, submit_job, request, app, payload, owner, True, None)
         service: JobService = request.app.state.service
         while not job.state.is_terminal():
             fresh = await service.wait(job, 1.0)
@@ -203,13 +204,19 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         service: JobService = request.app.state.service
         if fal_webhook is not None:
             await _check_webhook_url(fal_webhook, service.fetch_guard)
-        idempotency = job = None
-        if idempotency_key is not None:
-            idempotency = (idempotency_key, fingerprint(app.app_id, payload.model_dump(mode="json"), fal_webhook))
-            job = service.find_idempotent(owner, *idempotency)
-        headers = {REPLAYED_HEADER: "true"} if job is not None else {}
-        if job is None:
-            job = submit_job(request, app, payload, owner, False, fal_webhook, idempotency)
+
+        def accept() -> tuple[Job, bool]:
+            """The job this submit creates, or the one an earlier submit with its Idempotency-Key created (True)."""
+            idempotency = None
+            if idempotency_key is not None:
+                idempotency = (idempotency_key, fingerprint(app.app_id, payload.model_dump(mode="json"), fal_webhook))
+                job = service.find_idempotent(owner, *idempotency)
+                if job is not None:
+                    return job, True
+            return submit_job(request, app, payload, owner, False, fal_webhook, idempotency), False
+
+        job, replayed = await off_loop_if_large(request, accept)
+        headers = {REPLAYED_HEADER: "true"} if replayed else {}
         body = {
             "status": "IN_QUEUE",
             "request_id": job.id,
@@ -230,6 +237,7 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         tags=[app.app_id],
         summary=f"Run {app.app_id} and wait for the result",
         responses=RUN,
+        route_class_override=OffLoopJsonRoute,
     )
     # The links say where a submit's request_id goes next (and let schemathesis test those steps in order).
     owner, alias = app.app_id.split("/")[:2]
@@ -242,6 +250,7 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         tags=[app.app_id],
         summary=f"Queue a request to {app.app_id}",
         responses={**SUBMIT, 200: {**SUBMIT[200], "links": links}},
+        route_class_override=OffLoopJsonRoute,
     )
 
 

@@ -32,7 +32,9 @@ MAX_TOKEN_CHARS = 100
 def _whole_unicode(value: Any) -> Any:
     """Refuse text with an unpaired UTF-16 surrogate: JSON lets ``"\\ud800"`` through, but no tokenizer (nor UTF-8
     encoder) can take it. (Checked before pydantic's own check, whose message does not say what is wrong.)"""
-    found = UNPAIRED_SURROGATE.search(value) if isinstance(value, str) else None
+    if not isinstance(value, str) or value.isascii():  # isascii: a data URI of megabytes in microseconds
+        return value
+    found = UNPAIRED_SURROGATE.search(value)
     if found is not None:
         raise ValueError(
             f"contains an unpaired UTF-16 surrogate (U+{ord(found.group()):04X}) at character {found.start()}; "
