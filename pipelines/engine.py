@@ -290,11 +290,10 @@ class Engine:
         if not nothing_to_paint:
             prepared.sampler = self._sampler(variant, timesteps)
             prepared.pixels = RequestTensors.from_inputs(fitted, self.device)
-            if not request.expand_prompt:  # an expanded prompt is only known on the GPU thread
-                window = self._window(variant, request.prompt)
-                prepared.cut = window.ignored
-                # An embedding's tokens are not in the vocabulary yet: they tokenize otherwise once added.
-                prepared.read = window.read if embedding is None else None
+            window = self._window(variant, request.prompt)  # an expanded prompt's is found on the GPU thread
+            prepared.cut = window.ignored
+            # An embedding's tokens are not in the vocabulary yet: they tokenize otherwise once added.
+            prepared.read = window.read if embedding is None else None
         prepared.timings["prepare"] = time.perf_counter() - started
         return prepared
 
@@ -499,15 +498,17 @@ class Engine:
         self, group: list[PreparedRequest], clock: StageClock
     ) -> tuple[list[str], list[str], list[str | None]]:
         """The prompts the batch runs; for each, the text to encode (no more than CLIP reads, up to a word) and
-        the part CLIP cannot see (computed in ``prepare`` unless the prompt was expanded here)."""
+        the part CLIP cannot see (computed in ``prepare`` unless the prompt was expanded here). A prompt that
+        already fills CLIP's window is not expanded: CLIP would not read the addition (and the expansion model's
+        own context is only so long)."""
         prompts, cut = [p.request.prompt for p in group], [p.cut for p in group]
         texts = [p.request.prompt if p.read is None else p.read for p in group]
         for j, p in enumerate(group):
-            if p.request.expand_prompt and self.expander is not None:
+            if _expands(p) and self.expander is not None:
                 prompts[j] = self.expander.expand(p.request.prompt, p.seed)
                 window = self._window(p.variant, prompts[j])
                 texts[j], cut[j] = window.read if p.embedding is None else prompts[j], window.ignored
-        if any(p.request.expand_prompt for p in group):
+        if any(_expands(p) for p in group):
             clock.mark("prompt_expansion")
         return prompts, texts, cut
 
@@ -655,6 +656,8 @@ class Engine:
         )
         if j in decoded.redecoded:
             result.warnings.append("The VAE decode overflowed in reduced precision; the image was decoded in fp32")
+        if p.request.expand_prompt and not _expands(p):
+            result.warnings.append("The prompt already fills CLIP's window, so it was not expanded (expand_prompt)")
         if cut:
             limit = self.pipeline(p.variant).tokenizer.model_max_length
             result.warnings.append(
@@ -729,6 +732,11 @@ def chunk_by_rows(members: list[tuple[int, PreparedRequest]], limit: int) -> lis
 def _repeat_last(rows: torch.Tensor, extra: int) -> torch.Tensor:
     """``rows`` with its last row repeated ``extra`` more times (padding a batch to its bucket)."""
     return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])]) if extra else rows
+
+
+def _expands(p: PreparedRequest) -> bool:
+    """Whether the request's prompt is expanded: asked for, and CLIP would read some of the addition."""
+    return p.request.expand_prompt and p.cut is None
 
 
 def _check_text(field: str, text: Any) -> None:

@@ -96,3 +96,23 @@ def test_the_engine_encodes_a_bounded_prefix_of_a_long_prompt(engine) -> None:
         del pipe.encode_prompts
     assert result.error is None and result.prompt == prompt  # the whole prompt is what the result reports
     assert calls and all(len(text) <= FIRST_WINDOW_CHARS for texts in calls for text in texts), calls
+
+
+def test_a_prompt_that_fills_clips_window_is_not_expanded(engine) -> None:
+    """``expand_prompt`` with a prompt longer than CLIP reads: the addition would be ignored, and the expansion
+    model's own context (GPT-2: 1024 tokens) overflowed (IndexError, the whole batch failed)."""
+    prompt = " ".join(f"green gate {i}" for i in range(2000))[:10_000]
+    request = InpaintRequest(
+        app_id="fal-ai/fast-lightning-sdxl/inpainting",
+        image=png(noise_image(64, 48, seed=1)),
+        mask=png(box_mask(64, 48)),
+        prompt=prompt,
+        steps=2,
+        seed=3,
+        image_size=(64, 48),
+        expand_prompt=True,
+        request_id="expand-long",
+    )
+    (result,) = engine.run([request])
+    assert result.error is None and result.prompt == prompt
+    assert any("not expanded" in warning for warning in result.warnings), result.warnings
