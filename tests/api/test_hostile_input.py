@@ -12,9 +12,21 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from PIL import Image
 
-from tests.api.fal_wire import LIGHTNING, client_for, data_uri, inpaint_input, wait_for
+from pipelines.fault_injection import FaultInjector
+from tests.api.fal_wire import (
+    LIGHTNING,
+    client_for,
+    data_uri,
+    gated_server,
+    hold_one,
+    inpaint_input,
+    poll_until,
+    submit,
+    wait_for,
+)
 from tests.helpers import box_mask, noise_image, png
 from tests.live import LiveServer
 
@@ -242,3 +254,50 @@ def test_tiny_sizes_are_produced_at_the_size_asked_for(make_server) -> None:
         output = client.get(f"/queue/fal-ai/fast-lightning-sdxl/requests/{rid}").json()
         with Image.open(io.BytesIO(client.get(output["images"][0]["url"]).content)) as image:
             assert image.size == (16, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 19: an error that belongs to one request fails that request alone
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone_and_its_batch_mates_complete(
+    make_server, engine, request: pytest.FixtureRequest
+) -> None:
+    """One request the engine raises on (not a GPU fault), batched with three of another key: it fails alone;
+    the batch runs again one request at a time, and the others get the images they get when run alone."""
+    server, gate = gated_server(make_server, engine, request, api_keys=["key-a", "key-b"])
+    engine.fault_hook = FaultInjector.from_spec({"at": "denoise_step", "fault": "error", "prompt": "poison"})
+    request.addfinalizer(lambda: setattr(engine, "fault_hook", None))
+    worker = server.app.state.service.worker
+    a = client_for(server, headers={"Authorization": "Key key-a"})
+    b = client_for(server, headers={"Authorization": "Key key-b"})
+    with a, b:
+        blocker = hold_one(b, gate)
+        bad = submit(a, prompt="a poison door", seed=1)["request_id"]
+        good = {seed: submit(b, seed=seed)["request_id"] for seed in (2, 3, 4)}
+        poll_until(lambda: all(worker.is_prepared(rid) for rid in [bad, *good.values()]), what="inputs prepared")
+        gate.hold = False
+        gate.release.set()
+        wait_for(b, LIGHTNING, blocker)
+        failed = wait_for(a, LIGHTNING, bad, logs="1")
+        assert failed["error_type"] == "engine_error", failed
+        assert a.get(f"/queue/fal-ai/fast-lightning-sdxl/requests/{bad}").status_code == 500
+        batched = []
+        for rid in good.values():
+            done = wait_for(b, LIGHTNING, rid, logs="1")
+            assert done.get("error") is None, done
+            messages = [line["message"] for line in done["logs"]]
+            batched.append("Starting inference (4 request(s) in this batch)" in messages)
+            assert any("running it again on its own" in m for m in messages), messages
+        assert all(batched), "the four requests did not share a batch; the test proves nothing"
+        for seed, rid in good.items():  # the same inputs, alone: the same image
+            in_batch = image_of(b, rid)
+            alone = submit(b, seed=seed)["request_id"]
+            wait_for(b, LIGHTNING, alone)
+            assert image_of(b, alone) == in_batch
+        assert [len(batch) for batch in gate.batches[1:5]] == [4, 1, 1, 1], gate.batches
+
+
+def image_of(client: httpx.Client, request_id: str) -> bytes:
+    output = client.get(f"/queue/fal-ai/fast-lightning-sdxl/requests/{request_id}").json()
+    return client.get(output["images"][0]["url"]).content
