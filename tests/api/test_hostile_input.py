@@ -145,6 +145,35 @@ def test_an_unexpected_error_answers_500_and_the_kept_alive_connection_stays_usa
         conn.close()
 
 
+def test_an_error_outside_the_app_answers_500_with_connection_close(engine, tmp_path) -> None:
+    """An error in a middleware outside the app's own handling: Starlette answers and raises again, and uvicorn
+    drops the connection; the answer says so (``Connection: close``) instead of leaving the client a reset."""
+    from server.app import create_app
+    from server.settings import load_settings
+
+    app = create_app(load_settings({"data_dir": tmp_path / "data", "warmup": False}), engine=engine)
+
+    class Exploding:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"] == "/explode":
+                raise RuntimeError("a bug outside")
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Exploding)
+    with LiveServer(app) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            conn.request("GET", "/explode")
+            answer = conn.getresponse()
+            assert answer.status == 500 and json.loads(answer.read())["error_type"] == "internal_error"
+            assert answer.getheader("connection") == "close"
+        finally:
+            conn.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # item 19: text the tokenizer cannot take
 
