@@ -25,7 +25,7 @@ from .fault_injection import FaultHook, FaultPoint, hook_from_env
 from .gpu_faults import check_device, classify_gpu_error, first_line, free_memory, low_memory_vae
 from .graphs import UNetCall, UNetGraphs
 from .hub import EXPANSION_FILES, SAFETY_CHECKER_FILES, Resolver, check_model_files, model_parts, resolve_repo
-from .inpaint import DenoiseBatch, FewStepInpaintPipeline
+from .inpaint import DenoiseBatch, FewStepInpaintPipeline, PromptWindow
 from .loading import ModelStore
 from .optimize import (
     BATCH_BUCKETS,
@@ -71,6 +71,7 @@ class PreparedRequest:
     sampler: Sampler | None = None  # the schedule's numbers, computed on the host (None: nothing to paint)
     pixels: RequestTensors | None = None  # the inputs as staged uint8 tensors (None: nothing to paint)
     cut: str | None = None  # the prompt's part past CLIP's limit (unexpanded prompt), or None
+    read: str | None = None  # a prefix of the prompt that encodes as the whole does (None: the whole prompt)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # for the result: what the user should know (a resized mask)
 
@@ -263,12 +264,13 @@ class Engine:
             w, h = request.image_size
             if not all(isinstance(v, int) and 0 < v <= MAX_SIDE for v in (w, h)):
                 raise InputError("image_size", f"width and height must be integers in 1..{MAX_SIDE}, got {w}x{h}")
-        if not isinstance(request.prompt, str):
-            raise InputError("prompt", "must be a string")
+        _check_text("prompt", request.prompt)
         embedding = None
         if len(request.embeddings) > 1:
             raise InputError("embeddings", "at most one embedding per request is supported")
         if request.embeddings:
+            for i, token in enumerate(request.embeddings[0].tokens):
+                _check_text(f"embeddings.0.tokens.{i}", token)
             text = self.store.text_stack(variant.base)
             embedding = parse_embedding(
                 request.embeddings[0], text.text_encoder.config.hidden_size, text.text_encoder_2.config.hidden_size
@@ -295,8 +297,10 @@ class Engine:
         if not nothing_to_paint:
             prepared.sampler = self._sampler(variant, timesteps)
             prepared.pixels = RequestTensors.from_inputs(fitted, self.device)
-            if not request.expand_prompt:  # an expanded prompt is only known on the GPU thread
-                prepared.cut = self._truncated(variant, request.prompt)
+            window = self._window(variant, request.prompt)  # an expanded prompt's is found on the GPU thread
+            prepared.cut = window.ignored
+            # An embedding's tokens are not in the vocabulary yet: they tokenize otherwise once added.
+            prepared.read = window.read if embedding is None else None
         prepared.timings["prepare"] = time.perf_counter() - started
         return prepared
 
@@ -309,9 +313,9 @@ class Engine:
         scheduler = make_scheduler(variant, self.store.scheduler_config(variant.base))
         return build_sampler(scheduler, list(timesteps), self.store.dtype, variant.eta)
 
-    def _truncated(self, variant: VariantSpec, prompt: str) -> str | None:
+    def _window(self, variant: VariantSpec, prompt: str) -> PromptWindow:
         with self._vocab_lock:  # the vocabulary may be growing (a textual inversion on the GPU thread)
-            return self.pipeline(variant).truncated_text(prompt)
+            return self.pipeline(variant).prompt_window(prompt)
 
     def batch_key(self, request: InpaintRequest | PreparedRequest) -> Hashable:
         """Requests with equal keys can share one UNet batch (same weights, timesteps and working size)."""
@@ -479,8 +483,8 @@ class Engine:
             return [self._passthrough(p) for p in group]
         pipe = self.pipeline(group[0].variant)
         clock = StageClock(self.device)
-        prompts, cut = self._expand_prompts(group, clock)  # 1. prompts (expanded with the seed when asked)
-        batch = self._batch(group, pipe, prompts)  # 2. text encoding, inputs to the device, padding
+        prompts, texts, cut = self._expand_prompts(group, clock)  # 1. prompts (expanded with the seed when asked)
+        batch = self._batch(group, pipe, texts)  # 2. text encoding, inputs to the device, padding
         clock.mark("text_encoding")
         latents, rows, cancelled = self._denoise(group, pipe, batch, should_stop, on_progress)  # 3. denoise
         clock.mark("inference")
@@ -498,22 +502,28 @@ class Engine:
             for j, (p, prompt) in enumerate(zip(group, prompts, strict=True))
         ]
 
-    def _expand_prompts(self, group: list[PreparedRequest], clock: StageClock) -> tuple[list[str], list[str | None]]:
-        """The prompts the batch runs, and for each the part CLIP cannot see (computed in ``prepare``
-        unless the prompt was expanded here)."""
+    def _expand_prompts(
+        self, group: list[PreparedRequest], clock: StageClock
+    ) -> tuple[list[str], list[str], list[str | None]]:
+        """The prompts the batch runs; for each, the text to encode (no more than CLIP reads, up to a word) and
+        the part CLIP cannot see (computed in ``prepare`` unless the prompt was expanded here). A prompt that
+        already fills CLIP's window is not expanded: CLIP would not read the addition (and the expansion model's
+        own context is only so long)."""
         prompts, cut = [p.request.prompt for p in group], [p.cut for p in group]
+        texts = [p.request.prompt if p.read is None else p.read for p in group]
         for j, p in enumerate(group):
-            if p.request.expand_prompt and self.expander is not None:
+            if _expands(p) and self.expander is not None:
                 prompts[j] = self.expander.expand(p.request.prompt, p.seed)
-                cut[j] = self._truncated(p.variant, prompts[j])
-        if any(p.request.expand_prompt for p in group):
+                window = self._window(p.variant, prompts[j])
+                texts[j], cut[j] = window.read if p.embedding is None else prompts[j], window.ignored
+        if any(_expands(p) for p in group):
             clock.mark("prompt_expansion")
-        return prompts, cut
+        return prompts, texts, cut
 
-    def _batch(self, group: list[PreparedRequest], pipe: FewStepInpaintPipeline, prompts: list[str]) -> DenoiseBatch:
+    def _batch(self, group: list[PreparedRequest], pipe: FewStepInpaintPipeline, texts: list[str]) -> DenoiseBatch:
         """The UNet batch: one row per output image, padded to a compiled bucket; one input image per request."""
         rows = [(j, p.request.num_images) for j, p in enumerate(group)]
-        per_row = [prompt for (j, n), prompt in zip(rows, prompts, strict=True) for _ in range(n)]
+        per_row = [text for (j, n), text in zip(rows, texts, strict=True) for _ in range(n)]
         embedding = group[0].embedding if len(group) == 1 else None
         with self._vocab_lock, textual_inversion(pipe, embedding):
             if embedding is None:  # an embedding's tokens mean something else: never cached
@@ -673,6 +683,8 @@ class Engine:
         )
         if j in decoded.redecoded:
             result.warnings.append("The VAE decode overflowed in reduced precision; the image was decoded in fp32")
+        if p.request.expand_prompt and not _expands(p):
+            result.warnings.append("The prompt already fills CLIP's window, so it was not expanded (expand_prompt)")
         if cut:
             limit = self.pipeline(p.variant).tokenizer.model_max_length
             result.warnings.append(
@@ -747,6 +759,24 @@ def chunk_by_rows(members: list[tuple[int, PreparedRequest]], limit: int) -> lis
 def _repeat_last(rows: torch.Tensor, extra: int) -> torch.Tensor:
     """``rows`` with its last row repeated ``extra`` more times (padding a batch to its bucket)."""
     return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])]) if extra else rows
+
+
+def _expands(p: PreparedRequest) -> bool:
+    """Whether the request's prompt is expanded: asked for, and CLIP would read some of the addition."""
+    return p.request.expand_prompt and p.cut is None
+
+
+def _check_text(field: str, text: Any) -> None:
+    """Text a tokenizer can take: a string without unpaired UTF-16 surrogates (``"\\ud800"`` in JSON)."""
+    if not isinstance(text, str):
+        raise InputError(field, "must be a string")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(
+                field, f"contains an unpaired UTF-16 surrogate at character {exc.start}; send valid Unicode text"
+            ) from None
 
 
 def _clip(text: str, limit: int = 200) -> str:

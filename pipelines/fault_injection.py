@@ -6,15 +6,17 @@ The engine calls ``engine.fault_hook(point)`` (when it is not None) at named poi
 * ``decode``: just before the VAE decode;
 * ``device_check``: in the device self-check after a request ran out of memory for good.
 
-A hook may raise (an OOM, a fatal CUDA error) or sleep (a hung kernel). Tests in-process set the
+A hook may raise (an OOM, a fatal CUDA error, an ordinary bug) or sleep (a hung kernel). Tests in-process set the
 attribute; subprocess servers read a JSON spec from ``INPAINT_TEST_FAULTS``, one rule or a list:
 
     {"at": "decode", "fault": "oom", "times": 1}
     [{"at": "denoise_step", "fault": "fatal", "prompt": "poison"}]
+    {"at": "denoise_step", "fault": "error", "prompt": "poison"}
     {"at": "denoise_step", "fault": "hang", "seconds": 60}
 
-Rule keys: ``at`` (a point), ``fault`` (``oom``, ``fatal`` or ``hang``), optional ``times`` (fire at
-most this often; default always), ``prompt`` (only batches with a prompt containing this text),
+Rule keys: ``at`` (a point), ``fault`` (``oom``, ``fatal``, ``hang`` or ``error``: an exception that is no GPU
+fault, as a bug or input the engine cannot take raises), optional ``times`` (fire at most this often; default
+always), ``prompt`` (only batches with a prompt containing this text: one request can be the culprit),
 ``min_batch`` (only batches of at least this many requests), ``tiled`` (only with VAE tiling on/off),
 ``seconds`` (how long ``hang`` sleeps, default 3600). Never set it in production: the server logs a
 warning at start when it is set.
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "INPAINT_TEST_FAULTS"
 POINTS = ("denoise_step", "decode", "device_check")
-FAULTS = ("oom", "fatal", "hang")
+FAULTS = ("oom", "fatal", "hang", "error")
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class FaultInjector:
 
 
 def inject(fault: str, where: str, seconds: float = 3600.0) -> None:
-    """Raise (``oom``, ``fatal``) or sleep (``hang``) the way a real GPU fault would."""
+    """Raise (``oom``, ``fatal``, ``error``) or sleep (``hang``) the way a real fault would."""
     note = f"(injected by a test at {where})"
     if fault == "oom":
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 20.00 GiB {note}")
@@ -143,6 +145,8 @@ def inject(fault: str, where: str, seconds: float = 3600.0) -> None:
     if fault == "hang":
         time.sleep(seconds)
         return
+    if fault == "error":
+        raise TypeError(f"TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]] {note}")
     raise ValueError(f"unknown fault {fault!r}")
 
 

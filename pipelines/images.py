@@ -20,6 +20,11 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")  # the only decoders a request's bytes reach
 MAX_IMAGE_PIXELS = 50_000_000  # default limit per decoded image: 8000x6000 photos, 8K frames
 MASK_THRESHOLD = 128  # diffusers' VaeImageProcessor binarises value/255 at 0.5
+# The smallest working side: the VAE downsamples by 8 and the UNet by another 4, so from 32 px on every UNet
+# level has at least one latent pixel of its own. Below it a model can fail: the tiny test UNet (one channel per
+# GroupNorm group in its first block) refuses a 1x1 map there, which both sides at most 16 px give (latent 2x2).
+# SDXL itself (10+ channels per group) runs at any size from 8 px, but smaller outputs are made at 32 px and resized.
+MIN_WORK_SIDE = 32
 
 
 def open_image(data: bytes | Image.Image, field: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -157,6 +162,11 @@ def snap8(width: int, height: int) -> tuple[int, int]:
     return max(8, round(width / 8) * 8), max(8, round(height / 8) * 8)
 
 
+def at_least_min(size: tuple[int, int]) -> tuple[int, int]:
+    """Each side raised to :data:`MIN_WORK_SIDE` (a multiple of 8) if smaller."""
+    return max(size[0], MIN_WORK_SIDE), max(size[1], MIN_WORK_SIDE)
+
+
 def work_size(width: int, height: int, pixels: int) -> tuple[int, int]:
     """About ``pixels`` pixels with the aspect ratio of ``width`` x ``height``, sides in multiples of 8."""
     scale = math.sqrt(pixels / (width * height))
@@ -186,8 +196,9 @@ def fit(image: Image.Image, mask: Image.Image, image_size: tuple[int, int] | Non
 
     With ``image_size`` the output has exactly that size (input stretched to it, the model working at
     the nearest multiples of 8); without it the output keeps the input's own size and the model works
-    at about ``work_pixels`` with the input's aspect ratio. A mask of another size than the image is
-    first resized to it (nearest), so it never blurs into a soft edge.
+    at about ``work_pixels`` with the input's aspect ratio. Either way the model works at least
+    :data:`MIN_WORK_SIDE` pixels per side (a 1x1 output is made at 32x32 and resized). A mask of another
+    size than the image is first resized to it (nearest), so it never blurs into a soft edge.
     """
     if mask.size != image.size:
         mask = mask.resize(image.size, Image.Resampling.NEAREST)
@@ -196,9 +207,9 @@ def fit(image: Image.Image, mask: Image.Image, image_size: tuple[int, int] | Non
         if size != image.size:
             image = image.resize(size, Image.Resampling.LANCZOS)
             mask = mask.resize(size, Image.Resampling.NEAREST)
-        working = snap8(*size)
+        working = at_least_min(snap8(*size))
     else:
-        working = work_size(image.width, image.height, work_pixels)
+        working = at_least_min(work_size(image.width, image.height, work_pixels))
     work_image = image if working == image.size else image.resize(working, Image.Resampling.LANCZOS)
     work_mask = mask if working == mask.size else mask.resize(working, Image.Resampling.NEAREST)
     return FittedInputs(image=image, mask=mask, work_image=work_image, work_mask=work_mask)

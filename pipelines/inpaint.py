@@ -20,8 +20,10 @@ pipeline's (tests/pipelines/test_parity.py).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLInpaintPipeline
@@ -63,6 +65,64 @@ class DenoiseBatch:
     on_preview: PreviewHook | None = None
 
 
+@dataclass(frozen=True)
+class PromptWindow:
+    """``read``: a prefix of the prompt that encodes exactly as the whole prompt does (CLIP's first tokens, up to a
+    word boundary); ``ignored``: the part past CLIP's limit, as the user wrote it, or None."""
+
+    read: str
+    ignored: str | None = None
+
+
+FIRST_WINDOW_CHARS = 1024  # about 4x what 75 tokens of ordinary text take
+_SPACE = re.compile(r"\s")
+
+
+def prompt_window(tokenizer: Any, prompt: str, first_chars: int = FIRST_WINDOW_CHARS) -> PromptWindow:
+    """Find where CLIP stops reading ``prompt`` without tokenizing all of it (a 10 MB prompt took seconds and
+    gigabytes): tokenize a prefix that ends at a space, four times longer each time until it holds more tokens than
+    CLIP reads or is the whole prompt.
+
+    A prefix that ends before a whitespace character tokenizes to a prefix of the whole prompt's tokens (CLIP's
+    tokenizers split words at whitespace), so the tokens CLIP reads, and the text it ignores, are those of the
+    whole prompt. ``encode_prompt`` truncates silently apart from a library log line; the ignored text is reported
+    to the user (as diffusers computes it: the tokens between the limit and the end-of-text token).
+    """
+    limit = tokenizer.model_max_length
+    size = first_chars
+    while size < len(prompt):
+        end = _last_space_before(prompt, size)
+        if end > 0:
+            ignored = _ignored(tokenizer, prompt[:end], limit)
+            if ignored is not None:
+                return PromptWindow(prompt[:end], (ignored + prompt[end:]).strip())
+        size *= 4
+    ignored = _ignored(tokenizer, prompt, limit)
+    return PromptWindow(prompt, None if ignored is None else ignored.strip())
+
+
+def _last_space_before(text: str, size: int) -> int:
+    """The index of the last whitespace character in ``text[:size + 1]`` (0 if none)."""
+    last = 0
+    for match in _SPACE.finditer(text, 0, size + 1):
+        last = match.start()
+    return last
+
+
+def _ignored(tokenizer: Any, text: str, limit: int) -> str | None:
+    """The part of ``text`` past ``limit`` tokens (start and end tokens included), or None if it fits."""
+    try:
+        encoded = tokenizer(text, truncation=False, add_special_tokens=True, return_offsets_mapping=True)
+    except NotImplementedError:  # a slow tokenizer: no offsets, so decode the tokens instead
+        ids = tokenizer(text, truncation=False, add_special_tokens=True).input_ids
+        return tokenizer.decode(ids[limit - 1 : -1]) if len(ids) > limit else None
+    if len(encoded.input_ids) <= limit:
+        return None
+    # The last slot holds the end-of-text token, so the first token CLIP drops is at limit - 1; its character offset
+    # gives the ignored text as the user wrote it.
+    return text[encoded.offset_mapping[limit - 1][0] :]
+
+
 class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
     """SDXL inpainting for few-step distilled UNets with a 4-channel latent blend."""
 
@@ -76,25 +136,12 @@ class FewStepInpaintPipeline(StableDiffusionXLInpaintPipeline):
         )
         return embeds, pooled
 
-    def truncated_text(self, prompt: str) -> str | None:
-        """The part of ``prompt`` CLIP cannot see (past ``model_max_length`` tokens), or None.
+    def prompt_window(self, prompt: str) -> PromptWindow:
+        """What of ``prompt`` CLIP reads and what it ignores, tokenizing a bounded prefix (see :func:`prompt_window`).
 
-        ``encode_prompt`` truncates silently apart from a library log line; this computes the same
-        cut (as diffusers does: the tokens between the limit and the end-of-text token) so it can be
-        reported to the user. Both SDXL tokenizers split text the same way; the first decides.
+        Both SDXL tokenizers split text the same way; the first decides.
         """
-        tokenizer = self.tokenizer if self.tokenizer is not None else self.tokenizer_2
-        limit = tokenizer.model_max_length
-        try:
-            encoded = tokenizer(prompt, truncation=False, add_special_tokens=True, return_offsets_mapping=True)
-        except NotImplementedError:  # a slow tokenizer: no offsets, so decode the tokens instead
-            ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
-            return tokenizer.decode(ids[limit - 1 : -1]) if len(ids) > limit else None
-        if len(encoded.input_ids) <= limit:
-            return None
-        # The last slot holds the end-of-text token, so the first token CLIP drops is at limit - 1;
-        # its character offset gives the ignored text as the user wrote it.
-        return prompt[encoded.offset_mapping[limit - 1][0] :].strip()
+        return prompt_window(self.tokenizer if self.tokenizer is not None else self.tokenizer_2, prompt)
 
     def encode_images(self, images: torch.Tensor, generators: list[torch.Generator], image_of: list[int]):
         """Scaled image latents per row: one VAE encode per input image, sampled per row's generator."""

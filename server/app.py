@@ -40,7 +40,10 @@ from .http.errors import (
     InsufficientStorage,
     NotFound,
     StoreDown,
+    UnexpectedErrors,
     error_response,
+    unexpected_error_response,
+    validation_errors_body,
 )
 from .http.fal_routes import fal_router
 from .http.health import add_health_routes, engine_readiness
@@ -263,6 +266,8 @@ def create_app(
     )
     app.include_router(fal_router(service, apps, auth.caller, base_url_of))
 
+    # Innermost: an unexpected exception answers 500 and the kept-alive connection stays usable.
+    app.add_middleware(UnexpectedErrors)
     # Innermost of the three: it sees the path FalRouting rewrote (proxy, queue host, /rest).
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_max_bytes=settings.upload_max_bytes)
     app.add_middleware(FalRouting)
@@ -352,14 +357,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = []
-        for err in exc.errors():
-            item = {k: v for k, v in err.items() if k in ("loc", "msg", "type", "input", "ctx", "url")}
-            if "ctx" in item:
-                item["ctx"] = {k: str(v) for k, v in item["ctx"].items()}
-            detail.append(item)
         # A request id even for a refused request: the JS client reports it as error.requestId.
-        return error_response(422, {"detail": _jsonable(detail)}, "invalid_input", str(uuid.uuid4()))
+        body = _jsonable(validation_errors_body(list(exc.errors())))
+        return error_response(422, body, "invalid_input", str(uuid.uuid4()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -387,12 +387,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Only for an error outside UnexpectedErrors (in a middleware): Starlette raises it again after this
+        # answer and uvicorn then drops the connection, so the answer says so.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            {"detail": "internal server error", "error_type": "internal_error", "message": "internal server error"},
-            status_code=500,
-            headers={ERROR_TYPE_HEADER: "internal_error"},
-        )
+        response = unexpected_error_response()
+        response.headers["Connection"] = "close"
+        return response
 
 
 def _jsonable(value: Any) -> Any:

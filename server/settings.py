@@ -257,6 +257,13 @@ class Settings(BaseSettings):
         description="Throughput (image rows per second) assumed for a GPU worker before any worker has been "
         "measured (after that, an unmeasured worker counts as one worker was last measured); low on purpose.",
     )
+    max_prompt_chars: int = Field(
+        10_000,
+        ge=100,
+        le=1_000_000,
+        description="Longest prompt, in characters; longer is refused with 422. The model reads only its first 75 "
+        "tokens (a few hundred characters) and says in the request's logs what it ignored.",
+    )
     max_queue_size: int = Field(
         100_000,
         ge=1,

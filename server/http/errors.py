@@ -7,10 +7,15 @@ permanent failures; 504 appears only for the user's own start timeout, marked so
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from typing import Any, ClassVar
 
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("inpaint-server")
 
 REQUEST_ID_HEADER = "x-fal-request-id"
 ERROR_TYPE_HEADER = "X-Fal-Error-Type"
@@ -200,6 +205,60 @@ class IdempotencyKeyReused(ApiError):
         return {"detail": detail, "error_type": self.error_type, "message": str(self.detail)}
 
 
+# How much of a refused input a 422 echoes back in ``detail[].input``: a missing ``mask_url`` must not send
+# 29 KB of base64 back. Longer strings keep a prefix and their length; longer lists and objects their first items.
+ECHO_MAX_CHARS = 100
+ECHO_PREFIX_CHARS = 40
+ECHO_MAX_ITEMS = 20
+ECHO_MAX_DEPTH = 8
+UNPAIRED_SURROGATE = re.compile("[\ud800-\udfff]")  # text no UTF-8 encoder (nor tokenizer) takes
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def abridged(value: Any, depth: int = 0) -> Any:
+    """``value`` (a refused input) cut to what an error answer should echo, and always JSON-encodable.
+
+    Strings over :data:`ECHO_MAX_CHARS` become ``"<prefix>… (N chars)"``; lists and objects keep their first
+    :data:`ECHO_MAX_ITEMS` items (a last entry says how many more), nested at most :data:`ECHO_MAX_DEPTH` deep;
+    non-finite numbers become ``"NaN"``/``"Infinity"``/``"-Infinity"`` and unpaired UTF-16 surrogates U+FFFD (JSON
+    allows neither in an answer).
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return _NON_FINITE.get(value, "NaN")
+    if isinstance(value, bytes | bytearray):
+        if len(value) > ECHO_MAX_CHARS:
+            return f"{bytes(value[:ECHO_PREFIX_CHARS]).decode('utf-8', 'replace')}… ({len(value)} bytes)"
+        value = bytes(value).decode("utf-8", "replace")
+    if isinstance(value, str):
+        if len(value) > ECHO_MAX_CHARS:
+            value = f"{value[:ECHO_PREFIX_CHARS]}… ({len(value)} chars)"
+        return UNPAIRED_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict | list | tuple) and depth >= ECHO_MAX_DEPTH:
+        return "…"
+    if isinstance(value, dict):
+        out = {abridged(str(k), depth + 1): abridged(v, depth + 1) for k, v in list(value.items())[:ECHO_MAX_ITEMS]}
+        if len(value) > ECHO_MAX_ITEMS:
+            out["…"] = f"{len(value) - ECHO_MAX_ITEMS} more keys"
+        return out
+    if isinstance(value, list | tuple):
+        items = [abridged(v, depth + 1) for v in value[:ECHO_MAX_ITEMS]]
+        if len(value) > ECHO_MAX_ITEMS:
+            items.append(f"… ({len(value) - ECHO_MAX_ITEMS} more items)")
+        return items
+    return value
+
+
+def validation_errors_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """A 422's body from pydantic's errors, in FastAPI's ``detail`` shape, with the echoed input abridged."""
+    detail = []
+    for err in errors:
+        item = {k: abridged(v) for k, v in err.items() if k in ("loc", "msg", "type", "input", "url")}
+        if "ctx" in err:
+            item["ctx"] = {k: abridged(str(v)) for k, v in err["ctx"].items()}
+        detail.append(item)
+    return {"detail": detail}
+
+
 def validation_detail(field: str, message: str) -> list[dict[str, Any]]:
     loc: list[str | int] = ["body", *[p for p in field.split(".") if p]]
     return [{"loc": loc, "msg": message, "type": "value_error"}]
@@ -226,3 +285,42 @@ def job_error(error_type: str, message: str, field: str | None = None) -> tuple[
     if status == 422:
         return status, {"detail": validation_detail(field or "input", message), "error_type": error_type}
     return status, {"detail": message, "error_type": error_type, "message": message}
+
+
+def unexpected_error_response() -> JSONResponse:
+    """What an unexpected exception answers: no trace, no paths, only that it happened."""
+    detail = "internal server error"
+    return error_response(500, {"detail": detail, "error_type": "internal_error", "message": detail}, "internal_error")
+
+
+class UnexpectedErrors:
+    """ASGI middleware: an exception no handler took answers 500 ``internal_error`` and the connection stays usable.
+
+    Starlette's own last-resort handler sends the answer and then raises the exception again, so uvicorn drops the
+    kept-alive connection without a ``Connection: close`` (clients see a reset on their next request). Here the
+    exception ends with the answer. Once a response has started nothing can be answered any more: the exception
+    goes on and the server closes the connection, as it must.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception:
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await unexpected_error_response()(scope, receive, send)

@@ -25,6 +25,7 @@ from ..inputs.url_guard import FetchError, FetchGuard
 from ..jobs.job import PRIORITIES, Job, JobState
 from ..jobs.service import JobService
 from .auth import Caller
+from .bodies import OffLoopJsonRoute, off_loop_if_large
 from .errors import (
     REQUEST_ID_HEADER,
     TIMEOUT_TYPE_HEADER,
@@ -155,7 +156,7 @@ def fal_router(
         )
 
     for app in apps:
-        model = input_model(app)
+        model = input_model(app, service.settings.max_prompt_chars)
         _add_app_routes(router, app, model, submit_job, _app_owner(app.app_id, caller_of))
 
     # Status, stream, result and cancel. /queue first: "/queue/a/b/requests/x" must not be read as
@@ -196,7 +197,7 @@ def fal_router(
 
 def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], submit_job, owner_of) -> None:
     async def run(request: Request, payload: model = Body(...), owner: str = Depends(owner_of)):  # type: ignore[valid-type]
-        job = submit_job(request, app, payload, owner, True, None)
+        job = await off_loop_if_large(request, submit_job, request, app, payload, owner, True, None)
         service: JobService = request.app.state.service
         while not job.state.is_terminal():
             fresh = await service.wait(job, 1.0)
@@ -224,13 +225,19 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         service: JobService = request.app.state.service
         if fal_webhook is not None:
             await _check_webhook_url(fal_webhook, service.fetch_guard)
-        idempotency = job = None
-        if idempotency_key is not None:
-            idempotency = (idempotency_key, fingerprint(app.app_id, payload.model_dump(mode="json"), fal_webhook))
-            job = service.find_idempotent(owner, *idempotency)
-        headers = {REPLAYED_HEADER: "true"} if job is not None else {}
-        if job is None:
-            job = submit_job(request, app, payload, owner, False, fal_webhook, idempotency)
+
+        def accept() -> tuple[Job, bool]:
+            """The job this submit creates, or the one an earlier submit with its Idempotency-Key created (True)."""
+            idempotency = None
+            if idempotency_key is not None:
+                idempotency = (idempotency_key, fingerprint(app.app_id, payload.model_dump(mode="json"), fal_webhook))
+                job = service.find_idempotent(owner, *idempotency)
+                if job is not None:
+                    return job, True
+            return submit_job(request, app, payload, owner, False, fal_webhook, idempotency), False
+
+        job, replayed = await off_loop_if_large(request, accept)
+        headers = {REPLAYED_HEADER: "true"} if replayed else {}
         body = {
             "status": "IN_QUEUE",
             "request_id": job.id,
@@ -252,6 +259,7 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         tags=[app.app_id],
         summary=f"Run {app.app_id} and wait for the result",
         responses=RUN,
+        route_class_override=OffLoopJsonRoute,
     )
     for prefix in ("", "/queue"):  # fal.stream() posts to {run host}/{app}/stream; the queue host's path works too
         router.add_api_route(
@@ -264,6 +272,7 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
             description="One `data:` event per denoising step with a small JPEG preview of each image, then the "
             "run's output as the last event (docs/streaming.md).",
             responses=STREAM_RUN,
+            route_class_override=OffLoopJsonRoute,
         )
     # The links say where a submit's request_id goes next (and let schemathesis test those steps in order).
     owner, alias = app.app_id.split("/")[:2]
@@ -276,6 +285,7 @@ def _add_app_routes(router: APIRouter, app: AppSpec, model: type[BaseModel], sub
         tags=[app.app_id],
         summary=f"Queue a request to {app.app_id}",
         responses={**SUBMIT, 200: {**SUBMIT[200], "links": links}},
+        route_class_override=OffLoopJsonRoute,
     )
 
 

@@ -184,7 +184,7 @@ class JobService:
         self.queue_bound.added(rows)
         job.input = {}  # the store has it; the worker that runs the job reads it from there
         if self.worker is not None:
-            self.worker.wake()
+            self.worker.wake_threadsafe()  # a large submit is stored from a worker thread (http/bodies.py)
         self.metrics.requests.labels(app_id, "sync" if sync else "queue").inc()
         log.info("request %s queued for %s (priority %d)", job.id, app_id, priority)
         return job

@@ -325,21 +325,61 @@ class GpuWorker:
         self.running = [job.id for job in batch]
         self.metrics.batch_size.observe(len(batch))
         started = time.perf_counter()
-        results, error = await self._run_engine(engine, batch, [preps[job.id].prepared for job in batch])
+        outcome = await self._run_engine(engine, batch, [preps[job.id].prepared for job in batch])
         self.stats.add(len(batch), sum(preps[job.id].rows for job in batch), time.perf_counter() - started)
-        if self.abandoned or error == "gpu_fault":  # the rows stay running: another start runs them again
+        if self.abandoned or outcome is None:  # the rows stay running: another start runs them again
             return
         self.running = []
-        by_id = {r.request_id: r for r in results or ()}
+        results, errors = outcome
+        by_id = {r.request_id: r for r in results}
         for job in batch:
-            result = by_id.get(job.id) if results is not None else None
-            task = asyncio.create_task(self._finalize(job, result, error))
+            task = asyncio.create_task(self._finalize(job, by_id.get(job.id), errors.get(job.id)))
             self.finalizers.add(task)
             task.add_done_callback(self.finalizers.discard)
 
-    async def _run_engine(self, engine: ServingEngine, batch: list[Job], prepared: list[Any]) -> tuple[Any, str | None]:
-        """The engine's results for the batch (on the host's single GPU thread, where the warm-up captured the
-        CUDA graphs), or None and why not."""
+    async def _run_engine(
+        self, engine: ServingEngine, batch: list[Job], prepared: list[Any]
+    ) -> tuple[list[Any], dict[str, str]] | None:
+        """The engine's results for the batch and the error of each request that has none, or None after a GPU
+        fault (the process is going; see :meth:`_gpu_fault`).
+
+        An error that is no GPU fault belongs to one request as often as not (text no tokenizer takes, a bug one
+        input reaches): a batch of several that fails runs again one request at a time, so only the request at
+        fault fails and its batch-mates get the images they would get alone.
+        """
+        try:
+            return await self._engine_run(engine, batch, prepared), {}
+        except (GpuFatalError, GpuHung) as exc:
+            await self._gpu_fault(batch, str(exc))
+            return None
+        except Exception as exc:
+            log.exception("engine failure on a batch of %d", len(batch))
+            if len(batch) == 1:
+                return [], {batch[0].id: f"inference failed: {type(exc).__name__}"}
+            reason = type(exc).__name__
+        log.warning("running the %d requests of the failed batch again one at a time (%s)", len(batch), reason)
+        self._note(batch, f"The batch this request ran in failed ({reason}); running it again on its own")
+        results: list[Any] = []
+        errors: dict[str, str] = {}
+        for job, prep in zip(batch, prepared, strict=True):
+            if self.abandoned:
+                return None
+            alone = await self._run_engine(engine, [job], [prep])
+            if alone is None:
+                return None
+            results += alone[0]
+            errors.update(alone[1])
+        return results, errors
+
+    def _note(self, batch: list[Job], message: str) -> None:
+        """Add a line to the logs of running jobs (written with the next progress flush)."""
+        now = self.source.clock()
+        for job in batch:
+            job.add_log(message, when=now)
+            self._dirty.add(job.id)
+
+    async def _engine_run(self, engine: ServingEngine, batch: list[Job], prepared: list[Any]) -> list[Any]:
+        """``engine.run`` on the host's single GPU thread (where the warm-up captured the CUDA graphs), watched."""
         loop = asyncio.get_running_loop()
         jobs = {job.id: job for job in batch}
 
@@ -354,15 +394,8 @@ class GpuWorker:
                 self.previews.submit(loop, request_id, step, total, preview)
 
         self._last_progress = time.monotonic()
-        try:
-            work = loop.run_in_executor(self.host.gpu, engine.run, prepared, should_stop, on_progress)
-            return await self._watched(work), None
-        except (GpuFatalError, GpuHung) as exc:
-            await self._gpu_fault(batch, str(exc))
-            return None, "gpu_fault"
-        except Exception as exc:
-            log.exception("engine failure on a batch of %d", len(batch))
-            return None, f"inference failed: {type(exc).__name__}"
+        work = loop.run_in_executor(self.host.gpu, engine.run, prepared, should_stop, on_progress)
+        return list(await self._watched(work))
 
     def _progress(self, request_id: str, step: int, total: int) -> None:
         job = self.held.get(request_id)

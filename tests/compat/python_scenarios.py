@@ -193,6 +193,11 @@ def validation_errors(base: dict[str, Any]) -> dict[str, Any]:
         "run": http_error(lambda: fal_client.run(LIGHTNING, args(base, 1, num_inference_steps="3"))),
         "submit": http_error(lambda: fal_client.submit(LIGHTNING, args(base, 1, num_inference_steps="3"))),
         "hyper_8": http_error(lambda: fal_client.run(HYPER, args(base, 1, num_inference_steps="8"))),
+        # Hostile input (issue 13): a prompt over max_prompt_chars; no mask, whose 422 echoes the input cut short.
+        "long_prompt": http_error(lambda: fal_client.submit(LIGHTNING, args(base, 1, prompt="x" * 10_001))),
+        "no_mask": http_error(
+            lambda: fal_client.run(LIGHTNING, {k: v for k, v in args(base, 1).items() if k != "mask_url"})
+        ),
     }
 
 

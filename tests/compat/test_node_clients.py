@@ -211,6 +211,10 @@ def check_scenario(obs: dict[str, Any], base: str, hooks: WebhookReceiver, with_
     missing = failed(obs["invalidSubmit"], "submit without a prompt")
     assert missing["status"] == 422 and missing["isValidationError"]
     assert [e["loc"] for e in missing["fieldErrors"]] == [["body", "prompt"]]
+    surrogate = failed(obs["surrogatePrompt"], "submit with a lone UTF-16 surrogate in the prompt")
+    assert surrogate["status"] == 422 and surrogate["isValidationError"]
+    assert [e["loc"] for e in surrogate["fieldErrors"]] == [["body", "prompt"]]
+    assert "surrogate" in surrogate["fieldErrors"][0]["msg"]
     if with_request_ids:
         assert UUID.match(invalid["requestId"]) and UUID.match(missing["requestId"])
     fetch_error = ok(obs["fetchError"], "request with an unreachable mask")

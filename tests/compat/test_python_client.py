@@ -262,6 +262,13 @@ def check_validation(data: dict[str, Any]) -> None:
         assert isinstance(error["message"], list)
         assert [item["loc"] for item in error["message"]] == [["body", "num_inference_steps"]], error
         assert all(item["msg"] and item["type"] for item in error["message"])
+    (long_prompt,) = data["long_prompt"]["message"]
+    assert data["long_prompt"]["status_code"] == 422 and long_prompt["loc"] == ["body", "prompt"], long_prompt
+    assert long_prompt["type"] == "string_too_long" and long_prompt["input"] == "x" * 40 + "… (10001 chars)"
+    (no_mask,) = data["no_mask"]["message"]
+    assert data["no_mask"]["status_code"] == 422 and no_mask["loc"] == ["body", "mask_url"], no_mask
+    echoed = no_mask["input"]["image_url"]  # the whole input is echoed, its data URIs cut to a prefix
+    assert echoed.startswith("data:image/png;base64,") and echoed.endswith(" chars)") and len(echoed) < 60, echoed
 
 
 def check_webhook(data: dict[str, Any], receiver: WebhookReceiver, server_url: str, verify: Verify) -> None:

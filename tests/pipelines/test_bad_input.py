@@ -62,6 +62,10 @@ BAD_REQUESTS = {
     "image-size-huge": ({"image_size": (64, 10**6)}, "image_size"),
     "unknown-app": ({"app_id": "fal-ai/no-such-app/inpainting"}, "app_id"),
     "seed-too-big": ({"seed": 2**64}, "seed"),
+    "strength-nan": ({"strength": float("nan")}, "strength"),
+    "strength-inf": ({"strength": float("inf")}, "strength"),
+    "prompt-unpaired-surrogate": ({"prompt": "a \ud800 door"}, "prompt"),  # "\ud800" in JSON
+    "prompt-surrogate-escape": ({"prompt": "a \udcff door"}, "prompt"),  # a non-UTF-8 byte in argv (generate)
 }
 
 
@@ -79,7 +83,9 @@ def test_bad_request_names_the_field(engine, kind):
     assert result.images == []
 
 
-@pytest.mark.parametrize("kind", ["image-bytes", "strength-1.5", "num-images-9", "unknown-app"])
+@pytest.mark.parametrize(
+    "kind", ["image-bytes", "strength-1.5", "num-images-9", "unknown-app", "prompt-surrogate-escape"]
+)
 def test_bad_request_does_not_spoil_its_batch(engine, kind):
     changes, field = BAD_REQUESTS[kind]
     bad, good = request(request_id="bad", **changes), request(request_id="good", num_images=2)

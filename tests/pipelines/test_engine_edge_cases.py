@@ -13,6 +13,7 @@ SIZE = (64, 48)
 
 
 def _request(mask: Image.Image, prompt: str = "a red door", **kw) -> InpaintRequest:
+    fields = {"image_size": SIZE, "request_id": "edge", **kw}
     return InpaintRequest(
         app_id="fal-ai/fast-lightning-sdxl/inpainting",
         image=noise_image(*SIZE, seed=11),
@@ -20,10 +21,8 @@ def _request(mask: Image.Image, prompt: str = "a red door", **kw) -> InpaintRequ
         prompt=prompt,
         steps=2,
         seed=7,
-        image_size=SIZE,
         enable_safety_checker=False,
-        request_id="edge",
-        **kw,
+        **fields,
     )
 
 
@@ -84,3 +83,31 @@ def test_a_4096_square_input_is_processed_at_the_working_size(engine, small_work
     assert prepared.inputs.work_size[0] * prepared.inputs.work_size[1] <= 2 * engine.work_pixels
     (result,) = engine.run([prepared])
     assert result.error is None and result.images[0].size == big
+
+
+def test_sizes_below_the_models_minimum_are_made_at_the_minimum_and_resized(engine) -> None:
+    """Issue 13, item 20: image_size 1x1 to 16x16 (and 8x16, 16x8) failed in the tiny UNet's GroupNorm (a 1x1 map
+    with one channel per group); they are made at 32 px per side and resized to the size asked for."""
+    mask = Image.new("L", SIZE, 0)
+    mask.paste(255, (16, 12, 48, 36))
+    sizes = [(1, 1), (8, 16), (16, 8), (16, 16), (8, 4096)]
+    results = engine.run([_request(mask, image_size=size, request_id=f"{size}") for size in sizes])
+    for size, result in zip(sizes, results, strict=True):
+        assert result.error is None, (size, result.error)
+        assert result.images[0].size == size
+
+
+def test_a_4x4_input_without_image_size_keeps_its_size(engine, small_work) -> None:
+    """Without image_size (the CLI's generate) the output follows the input: a 4x4 input gives a 4x4 image."""
+    request = InpaintRequest(
+        app_id="fal-ai/fast-lightning-sdxl/inpainting",
+        image=noise_image(4, 4, seed=3),
+        mask=Image.new("L", (4, 4), 255),
+        prompt="a red door",
+        steps=2,
+        seed=1,
+        enable_safety_checker=False,
+        request_id="tiny-input",
+    )
+    (result,) = engine.run([request])
+    assert result.error is None and result.images[0].size == (4, 4)

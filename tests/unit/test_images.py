@@ -534,3 +534,19 @@ def test_binarize_mode_1_image():
     one = Image.new("1", (2, 1), 0)
     one.putpixel((0, 0), 1)
     assert imgs.binarize(one).tolist() == [[True, False]]
+
+
+@pytest.mark.parametrize("image_size", [(1, 1), (8, 8), (8, 16), (16, 8), (16, 16), (20, 16), (24, 24), (8, 4096)])
+def test_fit_works_at_least_the_minimum_side_and_keeps_the_asked_size(image_size):
+    """Issue 13, item 20: the model works at >= 32 px per side (VAE x8, UNet x4); the output is what was asked."""
+    fitted = imgs.fit(gradient_rgb(64, 48), _binary_mask((64, 48)), image_size, 1024 * 1024)
+    assert fitted.output_size == image_size
+    assert all(side >= imgs.MIN_WORK_SIDE and side % 8 == 0 for side in fitted.work_size), fitted.work_size
+    assert fitted.work_size == tuple(max(side, imgs.MIN_WORK_SIDE) for side in imgs.snap8(*image_size))
+
+
+@pytest.mark.parametrize("size", [(4, 4), (1, 1), (2, 3000)])
+def test_fit_of_a_tiny_or_thin_input_without_image_size_keeps_its_size(size):
+    fitted = imgs.fit(gradient_rgb(*size), _binary_mask(size), None, 64 * 64)
+    assert fitted.output_size == size
+    assert all(side >= imgs.MIN_WORK_SIDE for side in fitted.work_size), fitted.work_size

@@ -132,6 +132,12 @@ export async function runScenario({ fal, classes, unwrap }, opts) {
     classes,
   );
 
+  // 6b'. 422 for text no tokenizer takes: a lone UTF-16 surrogate, which JSON.stringify sends as "\ud800".
+  obs.surrogatePrompt = await attempt(
+    () => fal.queue.submit(LIGHTNING, { input: input({ prompt: "a red \ud800 apple" }) }),
+    classes,
+  );
+
   // 6c. 422 decided by the job (the mask URL cannot be fetched): COMPLETED + error, result raises.
   obs.fetchError = await attempt(async () => {
     const submitted = await fal.queue.submit(LIGHTNING, {
