@@ -22,17 +22,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipelines.errors import GpuFatalError, RequestCancelled
+from pipelines.errors import GpuFatalError
 from pipelines.serving import ServingEngine
 
 from ..delivery.file_store import FileStore
-from ..delivery.result_encoding import encode_output
-from ..disk_space import FILES, DiskSpace, is_disk_full
+from ..disk_space import DiskSpace
 from ..inputs.input_fetch import InputFetcher
 from ..metrics import Metrics
 from ..redact import public_message
 from ..settings import Settings
 from .engine_host import EngineHost
+from .finishing import Finisher
 from .gpu_exit import EXIT_GPU_FAULT, GpuHung, exit_for_restart
 from .job import Job
 from .leases import WorkSource
@@ -46,9 +46,6 @@ log = logging.getLogger("inpaint-server.jobs")
 PROGRESS_FLUSH_S = 0.1  # running jobs' new log lines are written at most this often
 REFRESH_S = 1.0  # the head of the queue is read at least this often (start deadlines pass without a write)
 START_MESSAGE = "Starting inference ({n} request(s) in this batch)"
-DISK_FULL_MESSAGE = (
-    "the server's disk is full: the images of this request could not be saved; submit it again once space is freed"
-)
 
 
 class GpuWorker:
@@ -94,6 +91,7 @@ class GpuWorker:
         self._dirty: set[str] = set()  # held jobs with log lines not written yet
         self.previews = PreviewEncoder(self._preview_ready)  # step previews of jobs that asked for them
         self.finalizers: set[asyncio.Task] = set()
+        self.finisher = Finisher(source, files, disk, lost=lambda job_id: job_id in self._lost)
         self._tasks: list[asyncio.Task] = []
         self.max_rows = 8  # image rows per batch: the engine's max_batch_rows, read once it has loaded
         self.draining = False
@@ -411,92 +409,14 @@ class GpuWorker:
             self.previews.forget(request_id)  # the run is over: its result is on its way
 
     async def _finalize(self, job: Job, result: Any, error: str | None) -> None:
-        """Write a job's terminal state as the holder of its lease: its images, or its error."""
+        """Write a job's terminal state as the holder of its lease (:class:`~.finishing.Finisher`), then let it go."""
         try:
-            for warning in getattr(result, "warnings", None) or ():
-                job.add_log(warning, "WARN", self.source.clock())
-            if job.id in self._lost:
-                return
-            if error is not None:
-                await self._write(job, lambda: self.source.fail(job, "engine_error", error))
-            elif result is None:
-                await self._write(job, lambda: self.source.fail(job, "engine_error", "the engine returned no result"))
-            elif job.cancel_requested or isinstance(result.error, RequestCancelled):
-                message = "the request was cancelled while running"
-                await self._write(job, lambda: self.source.fail(job, "cancelled", message))
-            elif result.error is not None:
-                field = getattr(result.error, "field", None)
-                message = getattr(result.error, "message", None) or str(result.error)
-                await self._write(job, lambda: self.source.fail(job, result.error.error_type, message, field))
-            else:
-                await self._save_output(job, result)
-        except Exception:
-            log.exception("finalizing request %s failed", job.id)
-            if not job.state.is_terminal():
-                await self._write(job, lambda: self.source.fail(job, "internal_error", "the result could not be saved"))
+            await self.finisher.finish(job, result, error)
         finally:
             self.held.pop(job.id, None)
             self._dirty.discard(job.id)
             self._lost.discard(job.id)
             self.previews.forget(job.id)
-
-    async def _save_output(self, job: Job, result: Any) -> None:
-        """Write a successful job's images, then its state. When the disk is full, the images are removed and the
-        job fails with ``insufficient_storage`` as soon as that can be saved; while the store cannot be written
-        either (a full disk under both), both are tried again, so once space is back it succeeds after all."""
-
-        async def outcome() -> Callable[[], bool]:
-            try:
-                output = await asyncio.to_thread(encode_output, job, result, self.files)
-            except OSError as exc:
-                if not is_disk_full(exc):
-                    raise
-                await asyncio.to_thread(self.files.delete_results, job.id)  # nothing half-written stays
-                if self.disk is not None:
-                    self.disk.failed(FILES)
-                log.error("request %s: its images could not be written: %s", job.id, exc)
-                return lambda: self.source.fail(job, "insufficient_storage", DISK_FULL_MESSAGE)
-            return lambda: self.source.succeed(job, output, result.timings)
-
-        await self._save(job, outcome)
-
-    async def _write(self, job: Job, write: Callable[[], bool]) -> None:
-        """Write a terminal state (see :meth:`_save`)."""
-
-        async def same() -> Callable[[], bool]:
-            return write
-
-        await self._save(job, same)
-
-    async def _save(self, job: Job, outcome: Callable[[], Any]) -> None:
-        """Write the terminal state ``await outcome()`` gives; while the store is down (or its disk full), keep it
-        here and try again, asking ``outcome`` again each time (the job stays held, so its lease is renewed once the
-        store is back). A failed try leaves the job as it was, so only one outcome is ever recorded in it. Until
-        written, the store still says running: a crash meanwhile runs the job again (same seed) rather than losing
-        it."""
-        delay, retried = 0.5, False
-        while True:
-            write = await outcome()
-            before = {**vars(job), "logs": list(job.logs), "files": list(job.files)}
-            try:
-                write()
-                if retried:
-                    log.info("request %s: its %s state is saved now that the store is back", job.id, job.state.value)
-                return
-            except StoreUnavailable as exc:
-                state = job.state.value
-                vars(job).update(before)
-                if not retried:
-                    log.warning(
-                        "request %s %s, but the job store is unavailable; saving it later: %s",
-                        job.id,
-                        state,
-                        exc,
-                    )
-            if job.id in self._lost:
-                return
-            await asyncio.sleep(delay)
-            delay, retried = min(delay * 2, 2.0), True
 
     # ------------------------------------------------------------------ leases, cancel flags, progress
 
