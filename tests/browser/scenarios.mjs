@@ -180,12 +180,43 @@ export async function bad_input(env, { key, notImage }) {
   };
 }
 
-/** The side-by-side view: two variants, same inputs and seed, both shown with their latencies. */
-export async function side_by_side(env, { key, image, variants }) {
+/** The mask tools: paint, erase, undo, invert, clear; the share of the image to repaint after each. */
+export async function mask_tools(env, { image }) {
+  const page = await openPlayground(env, { image });
+  const share = async () => {
+    const text = await page.locator("#image-info").innerText();
+    const match = /([\d.]+) % to repaint/.exec(text);
+    return match ? Number(match[1]) : 0;
+  };
+  const shares = { start: await share() };
+  await paint(page, [0.1, 0.5], [0.9, 0.5], 16);
+  shares.painted = await share();
+  await page.getByRole("button", { name: "Eraser" }).click();
+  const eraserPressed = await page.getByRole("button", { name: "Eraser" }).getAttribute("aria-pressed");
+  await paint(page, [0.5, 0.2], [0.5, 0.8], 16);
+  shares.erased = await share();
+  await page.getByRole("button", { name: "Undo" }).click();
+  shares.undone = await share();
+  await page.getByRole("button", { name: "Invert" }).click();
+  shares.inverted = await share();
+  await page.getByRole("button", { name: "Clear" }).click();
+  shares.cleared = await share();
+  await page.getByRole("button", { name: "Undo" }).click();
+  shares.clearUndone = await share();
+  return { shares, eraserPressed };
+}
+
+/**
+ * The side-by-side view: two variants, same inputs and seed, both shown with their latencies. The mask comes from
+ * a mask file this time.
+ */
+export async function side_by_side(env, { key, image, mask, variants }) {
   const page = await openPlayground(env, { key, image });
   await smallInputs(page, { seed: null });
   await page.getByLabel("Lock seed", { exact: true }).uncheck();
-  await paint(page, [0.25, 0.25], [0.75, 0.75]);
+  await page.getByLabel("Mask file", { exact: true }).setInputFiles(mask);
+  await page.locator("#image-info", { hasText: "% to repaint" }).waitFor();
+  const submits = recordSubmits(page);
   for (const label of variants) await page.getByLabel(label, { exact: true }).check();
   await page.getByRole("button", { name: "Run side by side" }).click();
   const cards = [];
@@ -207,7 +238,7 @@ export async function side_by_side(env, { key, image, variants }) {
   }
   const seed = await page.getByLabel("Seed", { exact: true }).inputValue();
   const screenshots = [await shot(env, page, "9-side-by-side")];
-  return { cards, seed, screenshots };
+  return { cards, seed, submits, screenshots };
 }
 
 /** Both pages at a viewport: nothing wider than the window, and the main controls visible on screen. */

@@ -34,7 +34,7 @@ from PIL import Image
 from server.app import create_app
 from server.jobs.job import JobState
 from server.settings import load_settings
-from tests.helpers import noise_image, png
+from tests.helpers import box_mask, noise_image, png
 from tests.live import GatedEngine, LiveServer
 
 HERE = Path(__file__).resolve().parent
@@ -146,6 +146,7 @@ class Site:
 @dataclass
 class Files:
     image: Path
+    mask: Path
     not_image: Path
 
     def image_pixels(self) -> np.ndarray:
@@ -170,9 +171,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     folder = tmp_path_factory.mktemp("browser-files")
     image = folder / "photo.png"
     image.write_bytes(png(noise_image(64, 64, seed=5)))
+    mask = folder / "mask.png"
+    mask.write_bytes(png(box_mask(64, 64)))
     not_image = folder / "notes.txt"
     not_image.write_text("these are notes, not an image\n")
-    return Files(image, not_image)
+    return Files(image, mask, not_image)
 
 
 @pytest.fixture(scope="module")
@@ -306,11 +309,29 @@ def test_a_bad_input_shows_the_servers_message(browser: BrowserDriver, site: Sit
     assert seen["prompt"] == "a red door", "the inputs are still there"
 
 
+def test_the_mask_tools(browser: BrowserDriver, files: Files) -> None:
+    seen = browser.run("mask_tools", image=str(files.image))
+    shares = seen["shares"]
+    assert shares["start"] == 0 and 15 < shares["painted"] < 40, shares
+    assert seen["eraserPressed"] == "true" and shares["erased"] < shares["painted"]
+    assert shares["undone"] == shares["painted"]
+    assert shares["inverted"] == pytest.approx(100 - shares["painted"], abs=0.2)
+    assert shares["cleared"] == 0 and shares["clearUndone"] == shares["inverted"]
+
+
 def test_side_by_side_runs_two_variants(browser: BrowserDriver, files: Files) -> None:
     variants = ["Lightning 1 step", "Hyper 1 step"]
-    seen = browser.run("side_by_side", key=KEY, image=str(files.image), variants=variants)
+    seen = browser.run("side_by_side", key=KEY, image=str(files.image), mask=str(files.mask), variants=variants)
     assert [card["label"] for card in seen["cards"]] == variants
     assert seen["seed"].isdigit()
+    # Same inputs for both, the mask file's own mask (white = repaint) among them; only app and steps differ.
+    first, second = (submit["body"] for submit in seen["submits"])
+    assert [s["url"].split("/")[-2] for s in seen["submits"]] == ["fast-lightning-sdxl", "hyper-sdxl"]
+    assert first["seed"] == second["seed"] == int(seen["seed"])
+    assert first["num_inference_steps"] == second["num_inference_steps"] == "1"
+    assert first["mask_url"] == second["mask_url"] and first["image_url"] == second["image_url"]
+    sent = np.asarray(Image.open(io.BytesIO(_decode_data_uri(first["mask_url"]))).convert("L"))
+    assert (sent == np.asarray(Image.open(files.mask).convert("L"))).all()
     srcs = set()
     for card in seen["cards"]:
         assert card["size"] == [64, 64], card
