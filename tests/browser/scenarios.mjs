@@ -43,6 +43,7 @@ async function paint(page, from, to, brush = 8) {
   const slider = page.getByLabel("Brush size", { exact: true });
   await slider.fill(String(brush));
   const canvas = page.getByRole("img", { name: /^Mask/ });
+  await canvas.scrollIntoViewIfNeeded(); // the mouse reaches only what is in the viewport
   const box = await canvas.boundingBox();
   const size = await canvas.evaluate((c) => ({ width: c.width, height: c.height }));
   const at = ([fx, fy]) => [box.x + fx * box.width, box.y + fy * box.height];
@@ -129,21 +130,25 @@ export async function paint_and_submit(env, { key, image }) {
   return { stroke, submits, result, seen, logs, facts, download, keyKept, keyAfterReload, clip, history, screenshots };
 }
 
-/** Submit with the engine held after its first step, press Cancel, and read what the page says. */
-export async function cancel_running(env, { key, image }) {
+/**
+ * Submit with the engine held after its first step, press Cancel, and read what the page says. `previews`: through
+ * the step-preview stream (else the queue's path: submit, status stream, cancel).
+ */
+export async function cancel_running(env, { key, image, previews }) {
   const page = await openPlayground(env, { key, image });
   await smallInputs(page, { steps: "4" });
-  const previews = page.getByLabel("Step previews", { exact: true });
-  if (await previews.isVisible()) await previews.uncheck(); // the queue's path: submit, status stream, cancel
+  const option = page.getByLabel("Step previews", { exact: true });
+  if (previews) await option.check();
+  else if (await option.isVisible()) await option.uncheck();
   await paint(page, [0.3, 0.3], [0.7, 0.7]);
   await page.getByRole("button", { name: "Generate" }).click();
-  await page.getByText("Step 1 of 4").waitFor();
+  await page.getByText("Step 1 of 4", { exact: true }).waitFor();
   const running = await page.getByRole("status", { name: "Run status" }).textContent();
-  const screenshots = [await shot(env, page, "5-running")];
+  const screenshots = [await shot(env, page, `5-running${previews ? "-previews" : ""}`)];
   await page.getByRole("button", { name: "Cancel" }).click();
   const alert = page.getByRole("alert");
   await alert.waitFor({ state: "visible" });
-  screenshots.push(await shot(env, page, "6-cancelled"));
+  screenshots.push(await shot(env, page, `6-cancelled${previews ? "-previews" : ""}`));
   const logs = await page.getByRole("list", { name: "Logs" }).locator("li").allTextContents();
   return {
     running,

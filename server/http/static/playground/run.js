@@ -101,14 +101,17 @@ export class Run {
     if (response.status === 404 || response.status === 405) return null;
     if (!response.ok) throw await errorFrom(response);
     const logs = new AbortController();
+    const known = async (id) => {
+      if (!id || this.requestId) return;
+      await this.gotId(id);
+      this.follow(logs.signal).catch(() => {}); // logs only; the preview stream carries the rest
+    };
     let output = null;
     let failure = null;
     try {
+      await known(response.headers.get("x-fal-request-id"));
       for await (const event of sseEvents(response)) {
-        if (event.request_id && !this.requestId) {
-          await this.gotId(event.request_id);
-          this.follow(logs.signal).catch(() => {}); // logs only; the preview stream carries the rest
-        }
+        await known(event.request_id);
         if (event.status === "IN_QUEUE") this.ui.queued(event.queue_position ?? 0);
         if (typeof event.step === "number") {
           this.ui.started();
