@@ -2,6 +2,9 @@
 // or label (as a screen reader would), the mask is painted with mouse events. Each scenario returns what it saw;
 // the assertions are in test_playground.py. Screenshots of each state go to the artefacts folder.
 
+import { readFileSync } from "node:fs";
+import { basename } from "node:path";
+
 const LIGHTNING = "fal-ai/fast-lightning-sdxl/inpainting";
 
 async function shot(env, page, name) {
@@ -185,9 +188,21 @@ export async function bad_input(env, { key, notImage }) {
   };
 }
 
-/** The mask tools: paint, erase, undo, invert, clear; the share of the image to repaint after each. */
+/** The image dropped on the page (a drop event carrying the file), then the mask tools: paint, erase, undo,
+ * invert, clear, with the share of the image to repaint after each. */
 export async function mask_tools(env, { image }) {
-  const page = await openPlayground(env, { image });
+  const page = await openPlayground(env);
+  const dataTransfer = await page.evaluateHandle(
+    ({ bytes, name }) => {
+      const transfer = new DataTransfer();
+      transfer.items.add(new File([new Uint8Array(bytes)], name, { type: "image/png" }));
+      return transfer;
+    },
+    { bytes: [...readFileSync(image)], name: basename(image) },
+  );
+  await page.dispatchEvent("#drop-zone", "drop", { dataTransfer });
+  await page.locator("#canvas-box").waitFor({ state: "visible" });
+  const dropped = await page.locator("#image-info").innerText();
   const share = async () => {
     const text = await page.locator("#image-info").innerText();
     const match = /([\d.]+) % to repaint/.exec(text);
@@ -208,7 +223,7 @@ export async function mask_tools(env, { image }) {
   shares.cleared = await share();
   await page.getByRole("button", { name: "Undo" }).click();
   shares.clearUndone = await share();
-  return { shares, eraserPressed };
+  return { dropped, shares, eraserPressed };
 }
 
 /**

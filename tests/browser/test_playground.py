@@ -320,6 +320,7 @@ def test_a_bad_input_shows_the_servers_message(browser: BrowserDriver, site: Sit
 
 def test_the_mask_tools(browser: BrowserDriver, files: Files) -> None:
     seen = browser.run("mask_tools", image=str(files.image))
+    assert seen["dropped"] == "photo.png, 64 × 64: nothing painted yet."
     shares = seen["shares"]
     assert shares["start"] == 0 and 15 < shares["painted"] < 40, shares
     assert seen["eraserPressed"] == "true" and shares["erased"] < shares["painted"]

@@ -25,15 +25,29 @@ export class Run {
   async start() {
     const started = performance.now();
     let output = null;
-    if (this.previews) output = await this.viaPreviewStream();
+    if (this.previews) {
+      try {
+        output = await this.viaPreviewStream();
+      } catch (error) {
+        if (error.name === "AbortError" && this.cancelWanted && !this.requestId) {
+          throw new ApiError("cancelled before it started (the stream was closed)");
+        }
+        throw error;
+      }
+    }
     if (output === null && this.requestId === null) output = await this.viaQueue();
     return { output, requestId: this.requestId, latencyMs: performance.now() - started };
   }
 
-  /** Ask the server to stop it (now, or as soon as its id is known). */
+  /**
+   * Ask the server to stop it: by the queue's cancel route once its id is known; before that, a submit sends the
+   * cancel as soon as the id comes back, and a preview stream still waiting for its first event is closed, which
+   * cancels it on the server.
+   */
   async cancel() {
     this.cancelWanted = true;
     if (this.requestId) return this.api.cancel(this.appId, this.requestId);
+    if (this.previews) this.controller.abort();
     return true;
   }
 
@@ -98,7 +112,10 @@ export class Run {
       headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
       signal: this.controller.signal,
     });
-    if (response.status === 404 || response.status === 405) return null;
+    if (response.status === 404 || response.status === 405) {
+      this.previews = false; // no such route here: the queue it is
+      return null;
+    }
     if (!response.ok) throw await errorFrom(response);
     const logs = new AbortController();
     const known = async (id) => {
