@@ -223,7 +223,20 @@ export async function mask_tools(env, { image }) {
   shares.cleared = await share();
   await page.getByRole("button", { name: "Undo" }).click();
   shares.clearUndone = await share();
-  return { dropped, shares, eraserPressed };
+  // Another app: its own fields and step count default; what was set carries over.
+  const app = page.getByLabel("App", { exact: true });
+  const steps = page.getByLabel("Num inference steps", { exact: true });
+  await page.getByLabel("Strength", { exact: true }).fill("0.5");
+  await app.selectOption("fal-ai/hyper-sdxl/inpainting");
+  const hyper = {
+    steps: await steps.inputValue(),
+    choices: await steps.locator("option").allTextContents(),
+    strength: await page.getByLabel("Strength", { exact: true }).inputValue(),
+    checkerVersion: await page.getByLabel("Safety checker version", { exact: true }).count(),
+  };
+  await app.selectOption(LIGHTNING);
+  const lightning = { steps: await steps.inputValue(), choices: await steps.locator("option").allTextContents() };
+  return { dropped, shares, eraserPressed, hyper, lightning };
 }
 
 /**

@@ -327,6 +327,9 @@ def test_the_mask_tools(browser: BrowserDriver, files: Files) -> None:
     assert shares["undone"] == shares["painted"]
     assert shares["inverted"] == pytest.approx(100 - shares["painted"], abs=0.2)
     assert shares["cleared"] == 0 and shares["clearUndone"] == shares["inverted"]
+    # The form is each app's own: its step counts and default, its fields; what was set carries over.
+    assert seen["hyper"] == {"steps": "1", "choices": ["1", "2", "4"], "strength": "0.5", "checkerVersion": 0}
+    assert seen["lightning"] == {"steps": "4", "choices": ["1", "2", "4", "8"]}
 
 
 def test_side_by_side_runs_two_variants(browser: BrowserDriver, files: Files) -> None:

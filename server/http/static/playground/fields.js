@@ -69,11 +69,14 @@ export class AppForm {
     if (name === "seed") return this.seed(name, property);
     if (name === "embeddings") return this.embeddings(name, property);
     const id = `field-${name}`;
-    const initial = name in this.previous ? this.previous[name] : property.default;
+    // What was set on the previous app's form carries over, but for the step count: each app has its own default.
+    const carried = name in this.previous && name !== "num_inference_steps";
+    const initial = carried ? this.previous[name] : property.default;
     if (property.enum) {
       const select = el("select", { id, name });
       for (const option of property.enum) select.append(el("option", { value: option, text: option }));
-      if (initial !== undefined && property.enum.includes(initial)) select.value = initial;
+      const value = property.enum.includes(initial) ? initial : property.default;
+      if (value !== undefined) select.value = value;
       this.readers[name] = () => select.value;
       return row(name, property, select);
     }
