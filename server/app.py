@@ -49,6 +49,8 @@ from .http.fal_routes import fal_router
 from .http.health import add_health_routes, engine_readiness
 from .http.limits import BodyLimit
 from .http.openapi_responses import JWKS
+from .http.playground import add_playground
+from .http.request_list import request_list_router
 from .http.routing import FalRouting
 from .http.token_routes import token_router
 from .http.upload_routes import UploadTokens, storage_router
@@ -203,6 +205,8 @@ def create_app(
         redoc_url=None,
     )
     add_offline_docs(app)
+    if settings.playground:
+        add_playground(app, settings)
     app.state.settings = settings
     app.state.service = service
     app.state.store = store
@@ -264,6 +268,7 @@ def create_app(
     app.include_router(
         token_router(auth.tokens, auth.caller, [a.app_id for a in apps], settings.token_max_lifetime_s, clock)
     )
+    app.include_router(request_list_router(service, auth.caller))
     app.include_router(fal_router(service, apps, auth.caller, base_url_of))
 
     # Innermost: an unexpected exception answers 500 and the kept-alive connection stays usable.

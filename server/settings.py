@@ -291,6 +291,11 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="Origins allowed to call the API from a browser."
     )
+    playground: bool = Field(
+        True,
+        description="Serve the browser playground at / and the operations page at /ui/status (they call the "
+        "public API with the key typed into them).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     # Slow clients
     header_timeout_s: float = Field(

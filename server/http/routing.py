@@ -29,6 +29,7 @@ NOT_QUEUE_PATHS = (
     "/redoc",
     "/openapi.json",
     "/.well-known/",
+    "/ui/",
 )
 REST_HOSTS = ("rest.fal.ai", "rest.alpha.fal.ai")
 REST_PATHS = ("/storage/", "/tokens")  # of the REST hosts, only storage and temporary tokens are served here
@@ -70,7 +71,7 @@ class FalRouting:
             scope = {**scope, "path": path[len("/rest") :], "raw_path": path[len("/rest") :].encode()}
         else:
             host = headers.get(b"host", b"").decode("latin-1").lower()
-            if host.startswith("queue.") and not path.startswith(("/queue/", *NOT_QUEUE_PATHS)):
+            if host.startswith("queue.") and path != "/" and not path.startswith(("/queue/", *NOT_QUEUE_PATHS)):
                 scope = {**scope, "path": "/queue" + path, "raw_path": ("/queue" + path).encode(), QUEUE_PREFIX_KEY: ""}
         await self.app(scope, receive, send)
 

@@ -193,6 +193,28 @@ def test_expired_returns_only_what_is_due(store: JobStore) -> None:
     assert store.expired(1e9) == [] and store.get("live") is not None
 
 
+def test_recent_lists_an_owners_live_requests_newest_first(store: JobStore) -> None:
+    store.add(make_job("first", 0, state=JobState.SUCCEEDED, started_at=1001.0, finished_at=1002.5, inference_time=1.5))
+    store.add(make_job("gone", 0, state=JobState.SUCCEEDED, expires_at=500.0))
+    theirs = make_job("theirs", 0)
+    theirs.owner = "owner-2"
+    store.add(theirs)
+    store.add(make_job("last", 0, state=JobState.CANCELLED, error_type="cancelled"))
+    rows = store.recent("owner-1", 10, now=1000.0)
+    assert [r.id for r in rows] == ["last", "first"]  # arrival order, newest first; not expired, not another's
+    assert rows[0].state is JobState.CANCELLED and rows[0].error_type == "cancelled"
+    first = rows[1]
+    assert (first.app_id, first.created_at, first.started_at, first.finished_at) == (
+        "fal-ai/hyper-sdxl/inpainting",
+        1000.5,
+        1001.0,
+        1002.5,
+    )
+    assert first.inference_time == 1.5
+    assert [r.id for r in store.recent("owner-1", 1, now=1000.0)] == ["last"]
+    assert [r.id for r in store.recent("owner-2", 10, now=1000.0)] == ["theirs"]
+
+
 def test_uploads_round_trip_and_expire(store: JobStore) -> None:
     row = UploadRow("tok-aaaaaaaa", "owner", "photo.png", "image/png", None, 10.0, 20.0)
     parts = UploadRow("tok-bbbbbbbb", "owner", "big.bin", "application/octet-stream", None, 10.0, 50.0, 5.0, "m", "r")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import JobStore, NodeRow, QueuedRef, StoreFull, StoreUnavailable, UploadRow, WebhookRow
+from .base import JobStore, NodeRow, QueuedRef, RequestSummary, StoreFull, StoreUnavailable, UploadRow, WebhookRow
 from .sqlite import SqliteStore
 
 __all__ = [
     "JobStore",
     "NodeRow",
     "QueuedRef",
+    "RequestSummary",
     "SqliteStore",
     "StoreFull",
     "StoreUnavailable",

@@ -164,6 +164,7 @@ _ADDED_COLUMNS = {
 _ADDED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_files_expiry ON jobs (files_expire_at)",
     "CREATE INDEX IF NOT EXISTS uploads_expiry ON uploads (expires_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq)",
 )
 
 _JSON_FIELDS = ("input", "result", "error_body", "logs", "files")
@@ -276,6 +277,20 @@ class QueuedRef:
     batch_key: str
     rows: int
     start_deadline: float | None
+
+
+@dataclass(frozen=True)
+class RequestSummary:
+    """One of an owner's requests as a list shows it: no input, result or logs (those can be megabytes)."""
+
+    id: str
+    app_id: str
+    state: JobState
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error_type: str | None
+    inference_time: float | None
 
 
 @dataclass
@@ -580,6 +595,16 @@ class JobStore(ABC):
                 (_QUEUED, limit),
             ).fetchall()
         return [_job(r) for r in rows]
+
+    def recent(self, owner: str, limit: int, now: float) -> list[RequestSummary]:
+        """``owner``'s ``limit`` most recent requests that have not expired, newest first."""
+        with self._read() as db:
+            rows = db.q(
+                "SELECT id, app_id, state, created_at, started_at, finished_at, error_type, inference_time FROM jobs "
+                "WHERE owner = ? AND (expires_at IS NULL OR expires_at > ?) ORDER BY seq DESC LIMIT ?",
+                (owner, now, limit),
+            ).fetchall()
+        return [RequestSummary(r[0], r[1], JobState(r[2]), *r[3:]) for r in rows]
 
     def waiting_sync(self) -> list[tuple[str, str | None]]:
         """(id, waiter) of every unfinished sync run: the waiter is the node whose caller waits for it."""
