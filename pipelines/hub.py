@@ -273,6 +273,10 @@ def check_model_files(parts: Iterable[ModelPart], resolver: Resolver, announce: 
     the Hub out of reach: a local-only resolver (they are skipped).
     """
     parts = list(parts)
+    absent = [part for part in parts if part.local and not Path(str(part.spec.path)).exists()]
+    if absent:  # a path the operator gave: no download replaces it
+        listing = "; ".join(f"{part.key}={part.spec.path} (to hold {_needed(part)})" for part in absent)
+        raise ModelFileError(f"--model-path points at nothing: {listing}; fix the path or drop the override")
     missing, asks_hub = cache_survey(parts, resolver)
     if not missing and not asks_hub:
         return resolver
@@ -295,6 +299,13 @@ def check_model_files(parts: Iterable[ModelPart], resolver: Resolver, announce: 
             _listing(missing),
         )
     return resolver
+
+
+def _needed(part: ModelPart) -> str:
+    """The files a local model part must hold, the first few named."""
+    files = [need.path for need in part.needs if not need.optional]
+    more = len(files) - _LISTED_PER_REPO
+    return ", ".join(files[:_LISTED_PER_REPO]) + (f" and {more} more" if more > 0 else "")
 
 
 def _cache_name(resolver: Resolver) -> str:

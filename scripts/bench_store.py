@@ -66,7 +66,8 @@ def start_server(store: str, data_dir: Path, log: Path) -> tuple[subprocess.Pope
         "INPAINT_APPS": "fast-lightning-sdxl:4",
         "OMP_NUM_THREADS": "1",
         "INPAINT_LOG_LEVEL": "warning",
-        "INPAINT_MAX_QUEUE_SIZE": "1000000",  # measure the store, not the queue bound
+        "INPAINT_MAX_QUEUE_SIZE": "1000000",  # measure the store, not the queue bounds
+        "INPAINT_QUEUE_MAX_WAIT_S": "1e9",
     }
     args = [sys.executable, "-m", "server.cli", "serve", "--workers", "0", "--port", str(port)]
     args += ["--data-dir", str(data_dir), "--store", store]
