@@ -73,9 +73,9 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self._thread.join(timeout=30)
-        if self._thread.is_alive():  # say where it hangs: a server that cannot stop keeps its node alive
+        if self._thread.is_alive():  # a server that cannot stop keeps its node alive: say so, with every stack
+            print(f"LiveServer: the server on port {self.port} did not stop within 30 s", file=sys.stderr)
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            raise AssertionError(f"the server on port {self.port} did not stop within 30 s (stacks on stderr)")
 
     def __enter__(self) -> LiveServer:
         return self.start()

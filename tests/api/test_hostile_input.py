@@ -122,7 +122,7 @@ def test_an_unexpected_error_answers_500_and_the_kept_alive_connection_stays_usa
     def explode(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("a bug")
 
-    service.limits.check = explode
+    service.limits.check_input = explode
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
         conn.request(
