@@ -217,15 +217,7 @@ class LcmSampler(_DdpmSampler):
         self, model_output: torch.Tensor, latents: torch.Tensor, i: int, generators: list[torch.Generator]
     ) -> torch.Tensor:
         c = self.coefficients[i]
-        if self.prediction_type == "epsilon":
-            pred_original = (latents - c.sqrt_b_t * model_output) / c.sqrt_a_t
-        elif self.prediction_type == "sample":
-            pred_original = model_output
-        else:
-            pred_original = c.sqrt_a_t * latents - c.sqrt_b_t * model_output
-        if self.clip_range is not None:
-            pred_original = pred_original.clamp(-self.clip_range, self.clip_range)
-        denoised = c.c_out * pred_original + c.c_skip * latents
+        denoised = self.denoised(model_output, latents, i)
         if i == self.steps - 1:
             return denoised
         fresh = randn_tensor(model_output.shape, generator=generators, device=model_output.device, dtype=denoised.dtype)

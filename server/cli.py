@@ -46,14 +46,16 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _positive_int(text: str) -> int:
+def int_arg(text: str) -> int:
+    """An argparse type: an integer, or a one-line usage error."""
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def _float(text: str) -> float:
+def float_arg(text: str) -> float:
+    """An argparse type: a number, or a one-line usage error."""
     try:
         return float(text)
     except ValueError:
@@ -100,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True, help="input image: path, http(s) URL or data URI")
     gen.add_argument("--mask", required=True, help="mask (white = repaint): path, http(s) URL or data URI")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--steps", type=_positive_int, default=None, help="num_inference_steps (default: the app's)")
-    gen.add_argument("--strength", type=_float, default=None, help="in (0, 1]; default 0.95")
-    gen.add_argument("--seed", type=_positive_int, default=None)
-    gen.add_argument("--num-images", type=_positive_int, default=1)
+    gen.add_argument("--steps", type=int_arg, default=None, help="num_inference_steps (default: the app's)")
+    gen.add_argument("--strength", type=float_arg, default=None, help="in (0, 1]; default 0.95")
+    gen.add_argument("--seed", type=int_arg, default=None)
+    gen.add_argument("--num-images", type=int_arg, default=1)
     gen.add_argument("--image-size", type=_image_size, default=None, help="preset (square_hd, ...) or WxH")
     gen.add_argument("--format", choices=("jpeg", "png"), default="jpeg")
     gen.add_argument("--out", type=Path, default=Path("."), help="folder for the images (default: .)")
@@ -177,12 +179,12 @@ def _add_health(sub: argparse._SubParsersAction) -> None:
     hc.add_argument("--url", help="the server's base URL (default: loopback, port and scheme from the settings)")
     hc.add_argument(
         "--wait",
-        type=_float,
+        type=float_arg,
         default=0.0,
         metavar="SECONDS",
         help="keep asking this long, printing each new reason (stops at once if the models failed to load)",
     )
-    hc.add_argument("--timeout", type=_float, default=3.0, metavar="SECONDS", help="per request (default 3)")
+    hc.add_argument("--timeout", type=float_arg, default=3.0, metavar="SECONDS", help="per request (default 3)")
 
 
 def cmd_health(args: argparse.Namespace) -> int:

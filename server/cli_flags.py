@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from .cli import float_arg, int_arg
 from .settings import ENV_PREFIX, Settings, cli_flag
 
 # Names the command line had before the flags were generated; they keep working.
@@ -95,21 +96,7 @@ def _metavar(name: str, annotation: Any) -> str:
     return {int: "N", float: "NUMBER", Path: "PATH"}.get(annotation, name.upper())
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-_CONVERTERS: dict[Any, Any] = {int: _int, float: _float, str: str, Path: Path}
+_CONVERTERS: dict[Any, Any] = {int: int_arg, float: float_arg, str: str, Path: Path}
 
 
 class HelpFormatter(argparse.HelpFormatter):
