@@ -179,7 +179,8 @@ def test_js_multipart_upload_and_lifecycles(node_modules, make_server: Callable[
             time.sleep(0.05)  # still in progress
         assert answer.status_code == 200, answer.text
     output_url = answer.json()["images"][0]["url"]
-    assert upload_row(server, short).lifetime_s == 1
+    row = upload_row(server, short)  # already collected on a slow machine: 1 s after it was stored
+    assert row is None or row.lifetime_s == 1
     wait_gone(short, timeout=5)
     wait_gone(output_url, timeout=5)
     assert httpx.get(big_url).status_code == 200
