@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import math
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -43,6 +42,7 @@ from .lifecycle import requested_lifetime
 from .openapi_responses import CANCEL, RESULT, RUN, STATUS, STREAM, STREAM_RUN, SUBMIT
 from .routing import QUEUE_PREFIX_KEY
 from .schemas import Output, input_model
+from .sse import KEEP_ALIVE, Pacer, sse_headers
 from .stream_routes import stream_response
 
 TRUE_FLAGS = ("1", "true", "yes", "on")
@@ -58,7 +58,6 @@ IdempotencyKey = Annotated[
         "request_id back instead of a second request. Printable ASCII, at most 255 characters.",
     ),
 ]
-POSITION_POLL_S = 1.0  # a queued request's stream reads its queue position this often
 FOLLOW_UPS = ("request_status", "request_result", "cancel_request")  # operation ids a submit links to
 
 
@@ -323,8 +322,7 @@ def _stream(service: JobService, caller_of):
     async def stream(request: Request, request_id: str, logs: str | None = None, caller: Caller = Depends(caller_of)):
         job = _job_for(service, request, caller, request_id)
         events = status_events(service, job, _flag(logs), service.settings.stream_keepalive_s)
-        headers = {REQUEST_ID_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return StreamingResponse(events, media_type="text/event-stream", headers=sse_headers(job))
 
     return stream
 
@@ -336,7 +334,7 @@ async def status_events(service: JobService, job: Job, with_logs: bool, keepaliv
     sent_logs = 0
     last: Any = None
     current = job
-    quiet_since = time.monotonic()
+    pacer = Pacer(keepalive_s)
     while True:
         position = service.position(current)
         state = (current.state, position)
@@ -345,17 +343,13 @@ async def status_events(service: JobService, job: Job, with_logs: bool, keepaliv
             if with_logs:
                 sent_logs = len(current.logs)
             last = state
-            quiet_since = time.monotonic()
+            pacer.sent()
             yield f"data: {json.dumps(body)}\n\n"
         if current.state.is_terminal():
             return
-        if time.monotonic() - quiet_since >= keepalive_s:
-            quiet_since = time.monotonic()
-            yield ": keep-alive\n\n"
-        timeout = keepalive_s - (time.monotonic() - quiet_since)
-        if current.state is JobState.QUEUED:  # the position moves without this job changing: look again soon
-            timeout = min(timeout, POSITION_POLL_S)
-        current = await service.wait(current, max(timeout, 0.0))
+        if pacer.keep_alive_due():
+            yield KEEP_ALIVE
+        current = await service.wait(current, pacer.wait_s(current))
 
 
 def _result(service: JobService, caller_of):

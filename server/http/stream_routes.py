@@ -24,12 +24,12 @@ from starlette.requests import Request
 from ..jobs.job import Job, JobState
 from ..jobs.service import JobService
 from ..jobs.store import StoreUnavailable
-from .errors import REQUEST_ID_HEADER, AlreadyCompleted
+from .errors import AlreadyCompleted
+from .sse import KEEP_ALIVE, Pacer, sse_headers
 
 log = logging.getLogger("inpaint-server.http")
 
 HEAD_POLL_S = 1.0  # while the head is held and nothing changes, the client's disconnect is checked this often
-POSITION_POLL_S = 1.0  # a queued request's stream reads its queue position this often
 
 
 async def stream_response(
@@ -52,9 +52,8 @@ async def stream_response(
         job = fresh
     if job.state in (JobState.FAILED, JobState.CANCELLED):
         return failed(service, job)
-    headers = {REQUEST_ID_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     events = step_events(service, job, preview, keepalive_s)
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return StreamingResponse(events, media_type="text/event-stream", headers=sse_headers(job))
 
 
 async def step_events(
@@ -64,7 +63,7 @@ async def step_events(
     a ``: keep-alive`` comment after ``keepalive_s`` without an event. A client that goes away cancels the
     request."""
     sent_step, sent_position = 0, None
-    quiet_since = time.monotonic()
+    pacer = Pacer(keepalive_s)
     finished = False
     try:
         while True:
@@ -85,15 +84,11 @@ async def step_events(
                     event = {"request_id": job.id, **preview}
                 preview = None
             if event is not None:
-                quiet_since = time.monotonic()
+                pacer.sent()
                 yield _data(event)
-            elif time.monotonic() - quiet_since >= keepalive_s:
-                quiet_since = time.monotonic()
-                yield ": keep-alive\n\n"
-            timeout = keepalive_s - (time.monotonic() - quiet_since)
-            if job.state is JobState.QUEUED:  # the position moves without this job changing: look again soon
-                timeout = min(timeout, POSITION_POLL_S)
-            job = await service.wait(job, max(timeout, 0.0))
+            elif pacer.keep_alive_due():
+                yield KEEP_ALIVE
+            job = await service.wait(job, pacer.wait_s(job))
     finally:
         if not finished:
             _cancel(service, job)
